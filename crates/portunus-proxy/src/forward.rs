@@ -1,0 +1,328 @@
+//! Request handling: routing, static answers, forwarding with retries, WebSocket tunnels.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use portunus_router::Router;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::body::ProxyBody;
+use crate::conn::Activity;
+use crate::error::RequestError;
+use crate::headers::{ClientInfo, has_token, is_trusted, remove_hop_by_hop, set_forwarded};
+use crate::settings::Timeouts;
+use crate::upstream::{ActiveGuard, Pool, Upstream};
+
+/// The body type sent to upstreams: the client's streamed body, or nothing.
+pub(crate) type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+pub(crate) type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+
+/// What a route does.
+#[derive(Debug)]
+pub(crate) enum Action {
+    Forward(Pool),
+    Respond { status: StatusCode, body: Bytes },
+}
+
+/// A compiled route target.
+#[derive(Debug)]
+pub(crate) struct Target {
+    pub(crate) action: Action,
+    pub(crate) strip_prefix: bool,
+}
+
+/// Everything that may change on reload.
+#[derive(Debug)]
+pub(crate) struct Table {
+    pub(crate) router: Router<Arc<Target>>,
+    pub(crate) timeouts: Timeouts,
+    pub(crate) trusted: Vec<ipnet::IpNet>,
+}
+
+/// One client connection, as the request handler sees it.
+#[derive(Debug)]
+pub(crate) struct ConnCtx {
+    pub(crate) peer: SocketAddr,
+    pub(crate) local: SocketAddr,
+    pub(crate) tls: bool,
+    pub(crate) activity: Arc<Activity>,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) force: CancellationToken,
+}
+
+/// Handles one request end to end; never fails: errors become their HTTP answer.
+pub(crate) async fn handle(
+    table: Arc<Table>,
+    client: &UpstreamClient,
+    req: Request<Incoming>,
+    ctx: &ConnCtx,
+) -> Response<ProxyBody> {
+    let guard = ctx.activity.begin_request();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let response = match route(&table, client, req, ctx).await {
+        Ok(response) => response,
+        Err(error) => {
+            match error.side() {
+                crate::error::Side::Upstream => {
+                    warn!(peer = %ctx.peer, %method, %path, error = %error, cause = ?std::error::Error::source(&error), "upstream error")
+                }
+                crate::error::Side::Downstream => {
+                    debug!(peer = %ctx.peer, %method, %path, error = %error, "request refused")
+                }
+            }
+            error_response(&error)
+        }
+    };
+    response.map(|body| body.with_request_guard(guard))
+}
+
+/// The answer for a request that could not be proxied.
+pub(crate) fn error_response(error: &RequestError) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(error.body()));
+    *response.status_mut() = error.status();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if matches!(error, RequestError::Connect) {
+        headers.insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"),
+        );
+    }
+    response
+}
+
+/// The host a request is for: the URI's authority (HTTP/2, absolute form), else `Host`.
+fn request_host(req: &Request<Incoming>) -> Option<&str> {
+    if let Some(authority) = req.uri().authority() {
+        return Some(authority.as_str());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty())
+}
+
+async fn route(
+    table: &Table,
+    client: &UpstreamClient,
+    mut req: Request<Incoming>,
+    ctx: &ConnCtx,
+) -> Result<Response<ProxyBody>, RequestError> {
+    if req.method() == Method::CONNECT {
+        return Err(RequestError::Connect);
+    }
+    let websocket = match req.headers().get(header::UPGRADE) {
+        None => false,
+        Some(value) => {
+            let is_ws = has_token(req.headers(), &header::UPGRADE, "websocket")
+                && has_token(req.headers(), &header::CONNECTION, "upgrade")
+                && req.method() == Method::GET
+                && req.version() == Version::HTTP_11;
+            if !is_ws {
+                return Err(RequestError::Upgrade(
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                ));
+            }
+            true
+        }
+    };
+    let host = request_host(&req)
+        .ok_or(RequestError::MissingHost)?
+        .to_owned();
+    let Some(matched) = table.router.lookup(&host, req.uri().path()) else {
+        return Err(if table.router.site_for(&host).is_some() {
+            RequestError::NoRoute
+        } else {
+            RequestError::UnknownHost
+        });
+    };
+    let target = Arc::clone(matched.target);
+    let prefix_len = matched.prefix.len();
+
+    let pool = match &target.action {
+        Action::Respond { status, body } => {
+            let mut response = Response::new(ProxyBody::full(body.clone()));
+            *response.status_mut() = *status;
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            return Ok(response);
+        }
+        Action::Forward(pool) => pool,
+    };
+
+    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    let rest = if target.strip_prefix {
+        path.get(prefix_len..).unwrap_or("")
+    } else {
+        path
+    };
+    let query = parts.uri.query();
+
+    let mut headers = parts.headers;
+    let upgrade_value = headers.get(header::UPGRADE).cloned();
+    remove_hop_by_hop(&mut headers);
+    if let Ok(value) = HeaderValue::from_str(&host) {
+        headers.insert(header::HOST, value);
+    }
+    let peer: IpAddr = ctx.peer.ip().to_canonical();
+    set_forwarded(
+        &mut headers,
+        &ClientInfo {
+            peer,
+            trusted: is_trusted(&table.trusted, peer),
+            tls: ctx.tls,
+            host: &host,
+            local_port: ctx.local.port(),
+            trusted_nets: &table.trusted,
+        },
+    );
+    if let Some(upgrade) = upgrade_value.filter(|_| websocket) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, upgrade);
+    }
+
+    let retry_allowed = is_idempotent(&parts.method) && body.is_end_stream() && !websocket;
+    let mut body = Some(body);
+    let mut tried = 0u64;
+    let mut last_error = None;
+    loop {
+        let Some((index, upstream)) = pool.pick(tried) else {
+            return Err(RequestError::NoUpstream(last_error));
+        };
+        tried |= 1u64
+            .checked_shl(u32::try_from(index).unwrap_or(u32::MAX))
+            .unwrap_or(0);
+        let uri = upstream_uri(upstream, rest, query)?;
+        let mut upstream_req = Request::new(match body.take() {
+            Some(b) => Either::Left(b),
+            None => Either::Right(Empty::new()),
+        });
+        *upstream_req.method_mut() = parts.method.clone();
+        *upstream_req.uri_mut() = uri;
+        *upstream_req.version_mut() = Version::HTTP_11;
+        *upstream_req.headers_mut() = if retry_allowed {
+            headers.clone()
+        } else {
+            std::mem::take(&mut headers)
+        };
+
+        let guard = ActiveGuard::new(Arc::clone(upstream));
+        let sent =
+            tokio::time::timeout(table.timeouts.response_header, client.request(upstream_req))
+                .await;
+        let error = match sent {
+            Err(_elapsed) => {
+                pool.mark_failed(upstream);
+                return Err(RequestError::Timeout);
+            }
+            Ok(Ok(response)) => {
+                pool.mark_ok(upstream);
+                return Ok(finish_response(response, guard, client_upgrade, ctx));
+            }
+            Ok(Err(e)) if e.is_connect() => RequestError::NoUpstream(Some(e)),
+            Ok(Err(e)) => RequestError::UpstreamFailed(e),
+        };
+        if matches!(error, RequestError::NoUpstream(_)) {
+            pool.mark_failed(upstream);
+        }
+        debug!(upstream = %upstream.url, error = %error, cause = ?std::error::Error::source(&error), "upstream attempt failed");
+        if !(retry_allowed && error.is_retryable()) {
+            return Err(error);
+        }
+        last_error = match error {
+            RequestError::NoUpstream(e) => e,
+            RequestError::UpstreamFailed(e) => Some(e),
+            _ => None,
+        };
+    }
+}
+
+/// Turns the upstream's response into the client's, starting the tunnel after a `101`.
+fn finish_response(
+    mut response: Response<Incoming>,
+    guard: ActiveGuard,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ctx: &ConnCtx,
+) -> Response<ProxyBody> {
+    if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
+        (client_upgrade, response.status())
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let force = ctx.force.clone();
+        ctx.tracker.spawn(async move {
+            let _guard = guard;
+            let tunnel = async {
+                let (client, upstream) = tokio::try_join!(client_upgrade, upstream_upgrade)?;
+                let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                tokio::io::copy_bidirectional(&mut client, &mut upstream)
+                    .await
+                    .map_err(hyper_io_error)?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            };
+            tokio::select! {
+                result = tunnel => if let Err(error) = result {
+                    debug!(error = %error, "websocket tunnel ended");
+                },
+                () = force.cancelled() => {}
+            }
+        });
+        let (parts, _) = response.into_parts();
+        return Response::from_parts(parts, ProxyBody::empty());
+    }
+    remove_hop_by_hop(response.headers_mut());
+    response.map(|body| ProxyBody::upstream(body, guard))
+}
+
+fn hyper_io_error(e: std::io::Error) -> Box<dyn std::error::Error + Send + Sync> {
+    Box::new(e)
+}
+
+/// The upstream URI: its scheme and authority, its base path, then the request's path.
+fn upstream_uri(upstream: &Upstream, rest: &str, query: Option<&str>) -> Result<Uri, RequestError> {
+    let rest = if rest.is_empty() { "/" } else { rest };
+    let mut path_and_query = String::with_capacity(
+        upstream.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1),
+    );
+    path_and_query.push_str(&upstream.base_path);
+    if !rest.starts_with('/') {
+        path_and_query.push('/');
+    }
+    path_and_query.push_str(rest);
+    if let Some(query) = query {
+        path_and_query.push('?');
+        path_and_query.push_str(query);
+    }
+    Uri::builder()
+        .scheme(upstream.scheme.clone())
+        .authority(upstream.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| RequestError::InvalidTarget)
+}
+
+/// RFC 9110 §9.2.2.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}

@@ -1,0 +1,44 @@
+//! Listeners, HTTP serving and forwarding for the Portunus reverse proxy.
+//!
+//! This crate does:
+//! - serve HTTP/1.1 on plain listeners and route each request by host and path
+//!   ([`portunus_router`]) to a pool of upstreams or a static answer;
+//! - forward over pooled keep-alive HTTP/1.1 connections, streaming bodies both ways, with
+//!   round-robin or least-connections balancing, passive health and safe retries;
+//! - rewrite headers as a proxy must: hop-by-hop headers removed, `Host` preserved,
+//!   `X-Forwarded-*`, `X-Real-IP` and `Forwarded` set (client copies believed only from
+//!   trusted proxies), `Proxy-Authorization` never forwarded;
+//! - tunnel `Upgrade: websocket` and refuse every other upgrade and `CONNECT`;
+//! - enforce connect, response-head, request-head and idle timeouts, and drain gracefully.
+//!
+//! This crate does not read configuration files, install a crypto provider or a tracing
+//! subscriber, spawn tasks on construction, or know anything about ACME: the caller owns the
+//! runtime and drives [`Proxy::serve`] with its own shutdown signal.
+//!
+//! ```no_run
+//! use portunus_proxy::{Proxy, ProxySettings, SiteSettings};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let settings = ProxySettings::new()
+//!     .site(SiteSettings::new("example", ["app.example.com"]).upstreams(["http://127.0.0.1:8080"]));
+//! let proxy = Proxy::new(settings)?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await?;
+//! proxy.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod body;
+mod conn;
+mod error;
+mod forward;
+mod headers;
+mod proxy;
+mod settings;
+mod upstream;
+
+pub use body::ProxyBody;
+pub use error::{Error, RequestError, Result, Side};
+pub use proxy::Proxy;
+pub use settings::{Handler, LoadBalancing, ProxySettings, RouteSettings, SiteSettings, Timeouts};
+pub use upstream::{UpstreamUrlError, check_upstream_url};

@@ -1,0 +1,289 @@
+//! The proxy: compiled sites, the upstream client, listeners and graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use portunus_router::{Router, Site};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::conn::{Activity, Expired, TrackedIo};
+use crate::error::{Error, Result};
+use crate::forward::{Action, ConnCtx, Table, Target, UpstreamClient, handle};
+use crate::settings::{Handler, ProxySettings};
+use crate::upstream::Pool;
+
+/// A reverse proxy: routes requests by host and path to upstream pools.
+///
+/// Cheap to clone; clones share the routing table, the upstream connection pool and health
+/// state. [`Proxy::update`] swaps in new sites without touching open connections.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    table: ArcSwap<Table>,
+    client: UpstreamClient,
+    max_header_bytes: usize,
+}
+
+impl Proxy {
+    /// Compiles `settings` into a proxy. Reports every invalid site, host or upstream at once.
+    pub fn new(settings: ProxySettings) -> Result<Self> {
+        let table = compile(&settings)?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(settings.timeouts.connect));
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                table: ArcSwap::from_pointee(table),
+                client,
+                max_header_bytes: settings.max_header_bytes,
+            }),
+        })
+    }
+
+    /// Replaces the sites, routes and timeouts. Requests already routed finish where they
+    /// were going; connections stay open. The upstream connect timeout and the request head
+    /// size limit keep the values given to [`Proxy::new`].
+    pub fn update(&self, settings: &ProxySettings) -> Result<()> {
+        let table = compile(settings)?;
+        self.shared.table.store(Arc::new(table));
+        Ok(())
+    }
+
+    /// Serves plain HTTP/1.1 on `listener` until `shutdown` completes, then stops accepting,
+    /// lets requests in flight finish within `timeouts.shutdown` and returns.
+    pub async fn serve<F>(&self, listener: TcpListener, shutdown: F) -> Result<()>
+    where
+        F: Future<Output = ()> + Send,
+    {
+        let local = listener.local_addr().map_err(|source| Error::Listener {
+            addr: "?".into(),
+            source,
+        })?;
+        info!(addr = %local, "listening for HTTP");
+        let tracker = TaskTracker::new();
+        let drain = CancellationToken::new();
+        let force = CancellationToken::new();
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let conn = Connection {
+                        shared: Arc::clone(&self.shared),
+                        ctx: ConnCtx {
+                            peer,
+                            local,
+                            tls: false,
+                            activity: Activity::new(true),
+                            tracker: tracker.clone(),
+                            force: force.clone(),
+                        },
+                        drain: drain.clone(),
+                    };
+                    let span = info_span!("conn", %peer);
+                    tracker.spawn(conn.serve_http1(stream).instrument(span));
+                }
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(addr = %local, %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        drop(listener);
+        let grace = self.shared.table.load().timeouts.shutdown;
+        info!(addr = %local, in_flight = tracker.len(), "draining connections");
+        drain.cancel();
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!(addr = %local, left = tracker.len(), "shutdown timeout: closing connections");
+            force.cancel();
+            tracker.wait().await;
+        }
+        Ok(())
+    }
+}
+
+/// Builds the routing table from settings.
+fn compile(settings: &ProxySettings) -> Result<Table> {
+    let mut builder = Router::builder();
+    for site in &settings.sites {
+        let target = |handler: &Handler, strip_prefix: bool| -> Result<Arc<Target>> {
+            let action = match handler {
+                Handler::Upstreams(urls) if urls.is_empty() => {
+                    return Err(Error::NoHandler {
+                        origin: site.origin.clone(),
+                        what: "site".into(),
+                    });
+                }
+                Handler::Upstreams(urls) => {
+                    Action::Forward(Pool::new(urls, site.lb, settings.unhealthy_for).map_err(
+                        |(url, source)| Error::Upstream {
+                            origin: site.origin.clone(),
+                            url,
+                            source,
+                        },
+                    )?)
+                }
+                Handler::Respond { status, body } => Action::Respond {
+                    status: *status,
+                    body: Bytes::from(body.clone()),
+                },
+            };
+            Ok(Arc::new(Target {
+                action,
+                strip_prefix,
+            }))
+        };
+        let mut compiled = Site::new(site.origin.clone()).hosts(site.hosts.iter().cloned());
+        if let Some(handler) = &site.handler {
+            compiled = compiled.default_target(target(handler, false)?);
+        }
+        for route in &site.routes {
+            compiled = compiled.route(
+                route.path.clone(),
+                target(&route.handler, route.strip_prefix)?,
+            );
+        }
+        builder.push(compiled);
+    }
+    let router = builder.build().map_err(Error::Routes)?;
+    Ok(Table {
+        router,
+        timeouts: settings.timeouts,
+        trusted: settings.trusted_proxies.clone(),
+    })
+}
+
+/// A connection that can be asked to finish its requests and close.
+trait Drain: Future {
+    fn drain(self: Pin<&mut Self>);
+}
+
+impl<I, S> Drain for http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S::ResBody: 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn drain(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, E> Drain for http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    S::ResBody: 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn drain(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// One accepted client connection.
+struct Connection {
+    shared: Arc<Shared>,
+    ctx: ConnCtx,
+    drain: CancellationToken,
+}
+
+impl Connection {
+    async fn serve_http1(self, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let Self { shared, ctx, drain } = self;
+        let ctx = Arc::new(ctx);
+        let io = TokioIo::new(TrackedIo::new(stream, Arc::clone(&ctx.activity)));
+        let service = {
+            let (shared, ctx) = (Arc::clone(&shared), Arc::clone(&ctx));
+            service_fn(move |req| {
+                let (shared, ctx) = (Arc::clone(&shared), Arc::clone(&ctx));
+                async move {
+                    let table = shared.table.load_full();
+                    Ok::<_, Infallible>(handle(table, &shared.client, req, &ctx).await)
+                }
+            })
+        };
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(None)
+            .keep_alive(true)
+            .max_buf_size(shared.max_header_bytes.max(8192))
+            .serve_connection(io, service)
+            .with_upgrades();
+        drive(conn, &shared, &ctx, &drain).await;
+    }
+}
+
+/// Runs a connection to completion, closing it when idle, when a request head is too slow,
+/// when the server drains (gracefully) or when the drain time is over (at once).
+async fn drive<C, E>(conn: C, shared: &Shared, ctx: &ConnCtx, drain: &CancellationToken)
+where
+    C: Drain<Output = std::result::Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    let timeouts = shared.table.load().timeouts;
+    let mut draining = false;
+    let watchdog = ctx.activity.expired(timeouts.idle, timeouts.header_read);
+    tokio::pin!(watchdog);
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(error) = result {
+                    debug!(%error, "connection ended with an error");
+                }
+                return;
+            }
+            () = drain.cancelled(), if !draining => {
+                draining = true;
+                conn.as_mut().drain();
+            }
+            expired = &mut watchdog, if !draining => match expired {
+                Expired::Idle => {
+                    debug!("idle timeout");
+                    draining = true;
+                    conn.as_mut().drain();
+                }
+                Expired::HeaderRead => {
+                    debug!("request head timeout");
+                    return;
+                }
+            },
+            () = ctx.force.cancelled() => return,
+        }
+    }
+}

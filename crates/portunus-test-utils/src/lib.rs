@@ -1,0 +1,517 @@
+//! Test harnesses for Portunus: a real HTTP/1.1 + WebSocket echo upstream on loopback,
+//! a running-binary harness, and polling helpers. Not published.
+//!
+//! The echo upstream answers:
+//! - `GET /slow?ms=N`: waits N milliseconds, then answers like any other path;
+//! - `GET /bytes?n=N`: streams N bytes (`x`), in 64 KiB chunks, never holding them all;
+//! - a request with a body: reads it as a stream and reports its length;
+//! - `Upgrade: websocket`: completes the handshake and echoes every message;
+//! - anything else: a JSON document with the method, path, query, headers and server name.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+/// A request as the echo upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// The method.
+    pub method: String,
+    /// The path and query as received.
+    pub uri: String,
+    /// Headers, lower-case names; repeated headers joined with `, `.
+    pub headers: HashMap<String, String>,
+    /// All header names in the order received (repeats included).
+    pub header_names: Vec<String>,
+}
+
+/// A running echo upstream. Dropping it (or [`EchoServer::stop`]) closes the listener and
+/// every connection, like a crashed server.
+#[derive(Debug)]
+pub struct EchoServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its name, echoed in every JSON answer as `server`.
+    pub name: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: JoinHandle<()>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+type EchoBody = BoxBody<Bytes, Infallible>;
+
+impl EchoServer {
+    /// Starts an echo upstream on `127.0.0.1:0`.
+    pub async fn start(name: &str) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Ok(Self::on(listener, name))
+    }
+
+    /// Starts an echo upstream on a given listener.
+    pub fn on(listener: TcpListener, name: &str) -> Self {
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::new(Mutex::new(Vec::new()));
+        let task = {
+            let (seen, conns, name) = (Arc::clone(&seen), Arc::clone(&conns), name.to_owned());
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let (seen, name) = (Arc::clone(&seen), name.clone());
+                    let handle = tokio::spawn(async move {
+                        let service = service_fn(move |req| {
+                            let (seen, name) = (Arc::clone(&seen), name.clone());
+                            async move { Ok::<_, Infallible>(echo(req, &seen, &name).await) }
+                        });
+                        let _ = http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .with_upgrades()
+                            .await;
+                    });
+                    if let Ok(mut c) = conns.lock() {
+                        c.retain(|h| !h.is_finished());
+                        c.push(handle);
+                    }
+                }
+            })
+        };
+        Self {
+            addr,
+            name: name.to_owned(),
+            seen,
+            task,
+            conns,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request received so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Stops listening and closes every connection.
+    pub fn stop(&self) {
+        self.task.abort();
+        if let Ok(conns) = self.conns.lock() {
+            for c in conns.iter() {
+                c.abort();
+            }
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn query_param(query: Option<&str>, key: &str) -> Option<u64> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+async fn echo(req: Request<Incoming>, seen: &Mutex<Vec<Seen>>, name: &str) -> Response<EchoBody> {
+    let mut headers: HashMap<String, String> = HashMap::new();
+    let mut header_names = Vec::new();
+    for (k, v) in req.headers() {
+        let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+        header_names.push(k.as_str().to_owned());
+        headers
+            .entry(k.as_str().to_owned())
+            .and_modify(|e| {
+                e.push_str(", ");
+                e.push_str(&v);
+            })
+            .or_insert(v);
+    }
+    let record = Seen {
+        method: req.method().to_string(),
+        uri: req.uri().to_string(),
+        headers: headers.clone(),
+        header_names,
+    };
+    if let Ok(mut s) = seen.lock() {
+        s.push(record);
+    }
+    let query = req.uri().query().map(str::to_owned);
+    if let Some(ms) = query_param(query.as_deref(), "ms").filter(|_| req.uri().path() == "/slow") {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if headers
+        .get("upgrade")
+        .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
+    {
+        return websocket(req);
+    }
+    if req.uri().path() == "/bytes" {
+        let total = query_param(query.as_deref(), "n").unwrap_or(0);
+        return stream_bytes(total);
+    }
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let mut body_len: u64 = 0;
+    let mut body = req.into_body();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => body_len += frame.data_ref().map_or(0, |d| d.len() as u64),
+            Err(_) => break,
+        }
+    }
+    let doc = serde_json::json!({
+        "server": name,
+        "method": method,
+        "path": path,
+        "query": query,
+        "headers": headers,
+        "body_len": body_len,
+    });
+    let mut response = Response::new(Full::new(Bytes::from(doc.to_string())).boxed());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response.headers_mut().insert(
+        "x-upstream",
+        header::HeaderValue::from_str(name).unwrap_or(header::HeaderValue::from_static("?")),
+    );
+    // A hop-by-hop header the proxy must not pass on.
+    response
+        .headers_mut()
+        .insert("keep-alive", header::HeaderValue::from_static("timeout=30"));
+    response
+}
+
+fn stream_bytes(total: u64) -> Response<EchoBody> {
+    const CHUNK: u64 = 64 * 1024;
+    let chunk = Bytes::from(vec![b'x'; CHUNK as usize]);
+    let frames = futures_util::stream::unfold(0u64, move |sent| {
+        let chunk = chunk.clone();
+        async move {
+            if sent >= total {
+                return None;
+            }
+            let n = CHUNK.min(total - sent);
+            Some((
+                Ok::<_, Infallible>(Frame::data(chunk.slice(..n as usize))),
+                sent + n,
+            ))
+        }
+    });
+    let mut response = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, header::HeaderValue::from(total));
+    response
+}
+
+fn websocket(mut req: Request<Incoming>) -> Response<EchoBody> {
+    let Some(key) = req
+        .headers()
+        .get("sec-websocket-key")
+        .map(|k| derive_accept_key(k.as_bytes()))
+    else {
+        let mut r = Response::new(Full::new(Bytes::from_static(b"missing key")).boxed());
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+        return r;
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_close() {
+                break;
+            }
+            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::new()).boxed());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("upgrade"),
+    );
+    h.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
+    if let Ok(v) = header::HeaderValue::from_str(&key) {
+        h.insert("sec-websocket-accept", v);
+    }
+    r
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn wait_until<F: FnMut() -> bool>(timeout: Duration, mut condition: F) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A running `portunus` binary, killed (by its PID) when dropped.
+#[derive(Debug)]
+pub struct Portunus {
+    child: Child,
+    /// Addresses it reported listening on, in order (`kind`, address), e.g. `("HTTP", ...)`.
+    pub listeners: Vec<(String, SocketAddr)>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Portunus {
+    /// Starts `bin run -c config` and waits (up to 20 s) until it has reported `expected`
+    /// listeners. Listener addresses may use port 0: the real ports are read from its log.
+    pub fn start(bin: &Path, config: &Path, expected: usize) -> Result<Self, String> {
+        let mut child = Command::new(bin)
+            .args(["run", "-c"])
+            .arg(config)
+            .env("RUST_LOG", "info,portunus=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Some(found) = parse_listening(&line) {
+                        let _ = tx.send(found);
+                    }
+                    if let Ok(mut l) = log.lock() {
+                        l.push(line);
+                    }
+                }
+            });
+        }
+        let mut listeners = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while listeners.len() < expected {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(found) => listeners.push(found),
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let log = log.lock().map(|l| l.join("\n")).unwrap_or_default();
+                    return Err(format!("portunus did not start listening; log:\n{log}"));
+                }
+            }
+        }
+        Ok(Self {
+            child,
+            listeners,
+            log,
+        })
+    }
+
+    /// The first listener of `kind` (`HTTP`, `HTTPS`, ...).
+    pub fn addr(&self, kind: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(k, _)| k == kind)
+            .map(|(_, a)| *a)
+    }
+
+    /// Its PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// Sends a signal to it (`"TERM"`, `"HUP"`, ...).
+    pub fn signal(&self, name: &str) -> bool {
+        Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Waits up to `timeout` for it to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Portunus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Parses `... listening for HTTP addr=127.0.0.1:1234` log lines.
+fn parse_listening(line: &str) -> Option<(String, SocketAddr)> {
+    let rest = &line[line.find("listening for ")? + "listening for ".len()..];
+    let (kind, rest) = rest.split_once(' ')?;
+    let addr = rest.split("addr=").nth(1)?.split_whitespace().next()?;
+    Some((kind.to_owned(), addr.parse().ok()?))
+}
+
+/// Reads the resident set size of a process in bytes (Linux `/proc`).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The high-water mark of a process's resident set size in bytes (Linux `/proc`).
+pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_listening_lines() {
+        let line = "2026-01-01T00:00:00Z  INFO portunus_proxy::proxy: listening for HTTP addr=127.0.0.1:4321";
+        assert_eq!(
+            parse_listening(line),
+            Some(("HTTP".to_owned(), "127.0.0.1:4321".parse().unwrap()))
+        );
+        assert_eq!(parse_listening("something else"), None);
+    }
+
+    #[test]
+    fn query_params() {
+        assert_eq!(query_param(Some("a=1&ms=250"), "ms"), Some(250));
+        assert_eq!(query_param(Some("ms=x"), "ms"), None);
+        assert_eq!(query_param(None, "ms"), None);
+    }
+}
+
+/// A response as a test sees it.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The status code.
+    pub status: u16,
+    /// The headers.
+    pub headers: http::HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as text (lossy).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body parsed as JSON (`Null` if it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Sends one HTTP/1.1 request over a new connection to `addr`, with `Host: host`.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<Reply, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, host);
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let req = builder
+        .body(Full::new(body))
+        .map_err(|e| format!("request: {e}"))?;
+    let res = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// `GET path` with `Host: host` over a new connection.
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Result<Reply, String> {
+    request(addr, "GET", host, path, &[], Bytes::new()).await
+}

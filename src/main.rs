@@ -1,0 +1,108 @@
+//! `portunus`: the binary. Command line, configuration file to typed settings, wiring,
+//! signals. Glue only: the work is done by the `portunus-*` crates.
+
+mod config;
+mod run;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// A reverse proxy that gives every site free, valid HTTPS automatically.
+#[derive(Debug, Parser)]
+#[command(name = "portunus", version, about, disable_version_flag = false)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the sites of a configuration file (without one: the embedded default).
+    Run {
+        /// Configuration file (default: $PORTUNUS_CONFIG, else ./portunus.toml, else the
+        /// embedded default: a welcome page on http://localhost:8080).
+        #[arg(short, long, env = "PORTUNUS_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file without touching the network or the disk.
+    Check {
+        /// Configuration file (default: $PORTUNUS_CONFIG, else ./portunus.toml).
+        #[arg(short, long, env = "PORTUNUS_CONFIG", default_value = "portunus.toml")]
+        config: PathBuf,
+    },
+    /// Proxy one site without a configuration file.
+    Proxy {
+        /// The address to serve: `HOST`, `HOST:PORT` or `http://HOST:PORT` (port 80 if absent).
+        #[arg(long)]
+        from: String,
+        /// The upstream: `HOST:PORT` or `http://HOST:PORT/base`.
+        #[arg(long)]
+        to: String,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
+            println!("portunus {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Check { config } => match config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} site{})",
+                    config.display(),
+                    c.sites.len(),
+                    if c.sites.len() == 1 { "" } else { "s" }
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Run { config } => {
+            init_logging();
+            let path = config.unwrap_or_else(|| PathBuf::from("portunus.toml"));
+            let explicit = path != std::path::Path::new("portunus.toml") || path.exists();
+            if explicit {
+                finish(run::run_file(path))
+            } else {
+                finish(run::run_embedded_default())
+            }
+        }
+        Command::Proxy { from, to } => {
+            init_logging();
+            finish(run::one_site(&from, &to).and_then(run::run_config))
+        }
+    }
+}
+
+fn finish(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Operational logs to stderr, filtered by `RUST_LOG` (default `info`).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
+}
