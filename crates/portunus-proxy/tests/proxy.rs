@@ -1,0 +1,284 @@
+//! The proxy in process, through its public API: real upstreams on loopback, real clients.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use portunus_proxy::{
+    Handler, LoadBalancing, Proxy, ProxySettings, RouteSettings, SiteSettings, Timeouts,
+};
+use portunus_test_utils::{EchoServer, get, wait_until};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+struct Running {
+    addr: SocketAddr,
+    proxy: Proxy,
+    stop: CancellationToken,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn serve(settings: ProxySettings) -> Running {
+    let proxy = Proxy::new(settings).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let (p, s) = (proxy.clone(), stop.clone());
+    tokio::spawn(async move { p.serve(listener, s.cancelled_owned()).await });
+    Running { addr, proxy, stop }
+}
+
+fn site(host: &str, upstreams: &[String]) -> SiteSettings {
+    SiteSettings::new(format!("test {host}"), [host]).upstreams(upstreams.iter().cloned())
+}
+
+/// Reads until EOF or `limit`; returns whether the peer closed the connection in time.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_request_head_is_cut_off() {
+    let up = EchoServer::start("up").await.unwrap();
+    let r = serve(
+        ProxySettings::new()
+            .site(site("a.test", &[up.url()]))
+            .timeouts(Timeouts::default().header_read(Duration::from_millis(300))),
+    )
+    .await;
+    let mut s = TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a.te").await.unwrap();
+    assert!(
+        closed_within(&mut s, Duration::from_secs(3)).await,
+        "slowloris must be cut"
+    );
+    assert!(up.seen().is_empty());
+}
+
+#[tokio::test]
+async fn idle_keep_alive_is_closed_but_header_timeout_does_not_cap_it() {
+    let up = EchoServer::start("up").await.unwrap();
+    // idle longer than header_read: a keep-alive connection outlives header_read.
+    let r = serve(
+        ProxySettings::new()
+            .site(site("a.test", &[up.url()]))
+            .timeouts(
+                Timeouts::default()
+                    .header_read(Duration::from_millis(200))
+                    .idle(Duration::from_millis(1500)),
+            ),
+    )
+    .await;
+    let stream = TcpStream::connect(r.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let send = |sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>| {
+        let req = http::Request::get("/")
+            .header("host", "a.test")
+            .body(Empty::new())
+            .unwrap();
+        sender.send_request(req)
+    };
+    let res = send(&mut sender).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let res = send(&mut sender).await.unwrap();
+    assert_eq!(res.status(), 200, "still open after 3x header_read");
+    res.into_body().collect().await.unwrap();
+    // Now idle: the proxy closes it within about `idle`.
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "idle connection must be closed");
+}
+
+#[tokio::test]
+async fn least_conn_avoids_the_busy_upstream() {
+    let a = EchoServer::start("a").await.unwrap();
+    let b = EchoServer::start("b").await.unwrap();
+    let r = serve(
+        ProxySettings::new()
+            .site(site("lc.test", &[a.url(), b.url()]).lb(LoadBalancing::LeastConn)),
+    )
+    .await;
+    let addr = r.addr;
+    let slow = tokio::spawn(async move { get(addr, "lc.test", "/slow?ms=1500").await });
+    assert!(
+        wait_until(Duration::from_secs(5), || a.seen().len() + b.seen().len()
+            == 1)
+        .await
+    );
+    let busy = if a.seen().is_empty() { "b" } else { "a" };
+    for _ in 0..6 {
+        let reply = get(addr, "lc.test", "/").await.unwrap();
+        assert_ne!(
+            reply.json()["server"],
+            busy,
+            "least_conn must skip the busy upstream"
+        );
+    }
+    assert_eq!(slow.await.unwrap().unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn timed_out_upstream_is_left_out_of_the_pool() {
+    // An upstream that accepts connections and never answers.
+    let blackhole = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_url = format!("http://{}", blackhole.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    {
+        let accepted = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = blackhole.accept().await {
+                accepted.fetch_add(1, Ordering::Relaxed);
+                held.push(s);
+            }
+        });
+    }
+    let good = EchoServer::start("good").await.unwrap();
+    let r = serve(
+        ProxySettings::new()
+            .site(site("h.test", &[hole_url, good.url()]))
+            .timeouts(Timeouts::default().response_header(Duration::from_millis(300)))
+            .unhealthy_for(Duration::from_secs(60)),
+    )
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(get(r.addr, "h.test", "/").await.unwrap().status);
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 504).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        7,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        accepted.load(Ordering::Relaxed),
+        1,
+        "the failed upstream was not tried again"
+    );
+}
+
+#[tokio::test]
+async fn update_swaps_sites_without_closing_connections() {
+    let a = EchoServer::start("a").await.unwrap();
+    let b = EchoServer::start("b").await.unwrap();
+    let r = serve(ProxySettings::new().site(site("a.test", &[a.url()]))).await;
+    let stream = TcpStream::connect(r.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut ask = async |host: &str| {
+        let req = http::Request::get("/")
+            .header("host", host)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let res = sender.send_request(req).await.unwrap();
+        let status = res.status().as_u16();
+        res.into_body().collect().await.unwrap();
+        status
+    };
+    assert_eq!(ask("a.test").await, 200);
+    assert_eq!(ask("b.test").await, 404);
+    r.proxy
+        .update(
+            &ProxySettings::new()
+                .site(site("a.test", &[a.url()]))
+                .site(site("b.test", &[b.url()])),
+        )
+        .unwrap();
+    assert_eq!(ask("b.test").await, 200, "same connection, new table");
+    assert_eq!(b.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn respond_routes_and_errors() {
+    let up = EchoServer::start("up").await.unwrap();
+    let r = serve(
+        ProxySettings::new()
+            .site(
+                SiteSettings::new("s", ["r.test"])
+                    .handler(Handler::Respond {
+                        status: http::StatusCode::SERVICE_UNAVAILABLE,
+                        body: "maintenance\n".into(),
+                    })
+                    .route(RouteSettings::new(
+                        "/api",
+                        Handler::Upstreams(vec![up.url()]),
+                    )),
+            )
+            .site(SiteSettings::new("t", ["only.test"]).route(
+                RouteSettings::new("/x", Handler::Upstreams(vec![up.url()])).strip_prefix(true),
+            )),
+    )
+    .await;
+    let reply = get(r.addr, "r.test", "/").await.unwrap();
+    assert_eq!(
+        (reply.status, reply.text().as_str()),
+        (503, "maintenance\n")
+    );
+    assert_eq!(
+        get(r.addr, "r.test", "/api/v").await.unwrap().json()["path"],
+        "/api/v"
+    );
+    assert_eq!(
+        get(r.addr, "only.test", "/x/y").await.unwrap().json()["path"],
+        "/y"
+    );
+    let miss = get(r.addr, "only.test", "/y").await.unwrap();
+    assert_eq!(miss.status, 404);
+    assert!(miss.text().contains("no route"), "{}", miss.text());
+}
+
+#[tokio::test]
+async fn invalid_settings_are_refused() {
+    let err = Proxy::new(
+        ProxySettings::new()
+            .site(site("a.test", &["ftp://x".to_owned()]))
+            .site(SiteSettings::new("empty", ["b.test"]).upstreams(Vec::<String>::new())),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("invalid upstream `ftp://x`"),
+        "{err}"
+    );
+    let err = Proxy::new(
+        ProxySettings::new()
+            .site(site("a.test", &["http://x".to_owned()]))
+            .site(site("A.test", &["http://y".to_owned()])),
+    )
+    .unwrap_err();
+    let text = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+    assert!(
+        text.contains("test a.test") && text.contains("test A.test"),
+        "{text}"
+    );
+}
