@@ -224,8 +224,8 @@ impl CertKeeper {
     fn load_file(&mut self, i: usize, cert_path: &Path, key_path: &Path) -> Result<()> {
         let what = cert_path.display().to_string();
         let pair = CertPair {
-            chain_pem: std::fs::read_to_string(&cert_path).map_err(io(cert_path))?,
-            key_pem: std::fs::read_to_string(&key_path).map_err(io(key_path))?,
+            chain_pem: std::fs::read_to_string(cert_path).map_err(io(cert_path))?,
+            key_pem: std::fs::read_to_string(key_path).map_err(io(key_path))?,
         };
         let info = pair.info(&what)?;
         let key = pair.certified_key(

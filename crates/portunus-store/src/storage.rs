@@ -260,11 +260,14 @@ fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
+/// (CA key, storage name).
+type MemoryKey = (String, String);
+
 /// An in-memory store for embedders and tests: nothing survives the process.
 #[derive(Debug, Default, Clone)]
 pub struct MemoryStorage {
-    certs: Arc<Mutex<HashMap<(String, String), CertPair>>>,
-    locks: Arc<Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>>,
+    certs: Arc<Mutex<HashMap<MemoryKey, CertPair>>>,
+    locks: Arc<Mutex<HashMap<MemoryKey, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl MemoryStorage {
@@ -274,7 +277,7 @@ impl MemoryStorage {
     }
 }
 
-fn memory_key(ca: &str, name: &str) -> Result<(String, String)> {
+fn memory_key(ca: &str, name: &str) -> Result<MemoryKey> {
     check_ca_key(ca)?;
     Ok((ca.to_owned(), storage_name(name)?))
 }
