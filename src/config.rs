@@ -104,6 +104,7 @@ pub struct Config {
     pub trusted_proxies: Vec<IpNet>,
     pub timeouts: Timeouts,
     pub max_header_bytes: usize,
+    pub h2_max_streams: u32,
     pub sites: Vec<Site>,
     pub docker: bool,
 }
@@ -114,7 +115,11 @@ impl Config {
         let mut settings = ProxySettings::new()
             .timeouts(self.timeouts)
             .trusted_proxies(self.trusted_proxies.clone())
-            .max_header_bytes(self.max_header_bytes);
+            .max_header_bytes(self.max_header_bytes)
+            .h2_max_streams(self.h2_max_streams);
+        if let Some(https) = self.listen.https {
+            settings = settings.https_port(https.port());
+        }
         for site in &self.sites {
             settings = settings.site(site.settings.clone());
         }
@@ -254,6 +259,8 @@ struct RawDocker {
 
 struct Checker<'a> {
     file: String,
+    /// The configuration's directory: relative paths are relative to it.
+    base: PathBuf,
     text: &'a str,
     errors: Vec<ConfigError>,
 }
@@ -374,7 +381,7 @@ pub fn parse_listen_addr(s: &str) -> Option<SocketAddr> {
 }
 
 /// The default storage directory: `$XDG_DATA_HOME/portunus`, else `~/.local/share/portunus`.
-fn default_storage() -> PathBuf {
+pub fn default_storage() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("portunus");
     }
@@ -400,6 +407,7 @@ const KNOWN_TOP: &[&str] = &[
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let mut c = Checker {
         file: path.display().to_string(),
+        base: path.parent().unwrap_or(Path::new(".")).to_owned(),
         text,
         errors: Vec::new(),
     };
@@ -489,9 +497,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let timeouts = match take("timeouts").and_then(|v| c.value::<RawTimeouts>(v)) {
         None => defaults,
         Some(t) => {
-            let _ = c.duration(&t.tls_handshake, Duration::from_secs(10));
             let _ = c.duration(&t.body_read, Duration::from_secs(60));
             Timeouts::default()
+                .tls_handshake(c.duration(&t.tls_handshake, defaults.tls_handshake))
                 .connect(c.duration(&t.connect, defaults.connect))
                 .response_header(c.duration(&t.response_header, defaults.response_header))
                 .header_read(c.duration(&t.header_read, defaults.header_read))
@@ -501,15 +509,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     };
 
     let mut max_header_bytes = 64 * 1024;
+    let mut h2_max_streams = 128;
     if let Some(l) = take("limits").and_then(|v| c.value::<RawLimits>(v)) {
         max_header_bytes =
             usize::try_from(c.size(&l.max_header_bytes, 64 * 1024)).unwrap_or(usize::MAX);
         let _ = c.size(&l.max_body, 0);
-        let _ = (
-            l.max_connections,
-            l.max_connections_per_ip,
-            l.h2_max_streams,
-        );
+        let _ = (l.max_connections, l.max_connections_per_ip);
+        h2_max_streams = l.h2_max_streams.unwrap_or(h2_max_streams);
     }
 
     let docker = take("docker")
@@ -554,7 +560,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         c.errors.sort_by_key(|e| (e.line, e.col));
         return Err(ConfigErrors(c.errors));
     }
-    let base = path.parent().unwrap_or(Path::new("."));
+    let base = c.base.clone();
     Ok(Config {
         path: path.to_owned(),
         storage: storage.map_or_else(default_storage, |s| base.join(s)),
@@ -562,6 +568,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         trusted_proxies,
         timeouts,
         max_header_bytes,
+        h2_max_streams,
         sites,
         docker,
     })
@@ -675,8 +682,8 @@ fn check_site(
             }
         },
         Some((RawTls::Files { cert, key }, _)) => Tls::Files {
-            cert: PathBuf::from(cert),
-            key: PathBuf::from(key),
+            cert: c.base.join(cert),
+            key: c.base.join(key),
         },
     };
     if let Some(hsts) = &raw.hsts
@@ -689,9 +696,13 @@ fn check_site(
         );
     }
     let _ = c.size(&raw.max_body, 0);
-    let _ = raw.https_redirect;
-
-    let mut settings = SiteSettings::new(origin.clone(), hosts).lb(lb);
+    let mut settings = SiteSettings::new(origin.clone(), hosts)
+        .lb(lb)
+        .tls(tls != Tls::Off)
+        .https_redirect(raw.https_redirect.unwrap_or(true));
+    if let Some(hsts) = &raw.hsts {
+        settings = settings.hsts(hsts.get_ref().clone());
+    }
     if let Some(h) = handler {
         settings = settings.handler(h);
     }
@@ -958,7 +969,8 @@ strip_prefix = true
         )
         .unwrap();
         assert_eq!(config.listen.http, Some("127.0.0.1:8080".parse().unwrap()));
-        assert!(config.listen.http.is_some_and(|a| a.port() > 1024));
+        assert_eq!(config.listen.https, Some("127.0.0.1:8443".parse().unwrap()));
+        assert!(config.sites.iter().all(|s| s.tls == Tls::Internal));
     }
 
     #[test]

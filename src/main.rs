@@ -41,6 +41,9 @@ enum Command {
         /// The upstream: `HOST:PORT` or `http://HOST:PORT/base`.
         #[arg(long)]
         to: String,
+        /// Serve HTTPS with a certificate from the local CA (port 443 if absent in --from).
+        #[arg(long)]
+        internal: bool,
     },
     /// Print the version.
     Version,
@@ -78,9 +81,9 @@ fn main() -> ExitCode {
                 finish(run::run_embedded_default())
             }
         }
-        Command::Proxy { from, to } => {
+        Command::Proxy { from, to, internal } => {
             init_logging();
-            finish(run::one_site(&from, &to).and_then(run::run_config))
+            finish(run::one_site(&from, &to, internal).and_then(run::run_config))
         }
     }
 }

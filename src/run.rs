@@ -4,7 +4,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use std::sync::Arc;
+
 use portunus_proxy::{Proxy, SiteSettings, Timeouts};
+use portunus_store::{CertKeeper, CertResolver, CertSource, Challenges, FsStorage, LocalCa};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -29,7 +32,7 @@ pub fn run_embedded_default() -> anyhow::Result<()> {
 }
 
 /// `portunus proxy --from HOST --to UPSTREAM`: one plain-HTTP site, no configuration file.
-pub fn one_site(from: &str, to: &str) -> anyhow::Result<Config> {
+pub fn one_site(from: &str, to: &str, internal: bool) -> anyhow::Result<Config> {
     let from_authority = from
         .strip_prefix("http://")
         .unwrap_or(from)
@@ -45,6 +48,7 @@ pub fn one_site(from: &str, to: &str) -> anyhow::Result<Config> {
         Some(p) => p
             .parse::<u16>()
             .with_context(|| format!("--from has an invalid port: `{from}`"))?,
+        None if internal => 443,
         None => 80,
     };
     portunus_router::HostPattern::parse(host)
@@ -58,18 +62,21 @@ pub fn one_site(from: &str, to: &str) -> anyhow::Result<Config> {
         .with_context(|| format!("--to is not a usable upstream: `{to}`"))?;
     Ok(Config {
         path: PathBuf::from("(command line)"),
-        storage: PathBuf::new(),
+        storage: crate::config::default_storage(),
         listen: Listen {
-            http: Some(SocketAddr::from(([0u16; 8], port))),
-            https: None,
+            http: (!internal).then(|| SocketAddr::from(([0u16; 8], port))),
+            https: internal.then(|| SocketAddr::from(([0u16; 8], port))),
             ..Listen::default()
         },
         trusted_proxies: Vec::new(),
         timeouts: Timeouts::default(),
         max_header_bytes: 64 * 1024,
+        h2_max_streams: 128,
         sites: vec![Site {
-            settings: SiteSettings::new("--from", [host]).upstreams([upstream]),
-            tls: Tls::Off,
+            settings: SiteSettings::new("--from", [host])
+                .upstreams([upstream])
+                .tls(internal),
+            tls: if internal { Tls::Internal } else { Tls::Off },
         }],
         docker: false,
     })
@@ -77,15 +84,10 @@ pub fn one_site(from: &str, to: &str) -> anyhow::Result<Config> {
 
 /// Refuses what this build cannot serve yet, with the site's position.
 fn unsupported(config: &Config) -> anyhow::Result<()> {
-    for site in &config.sites {
-        let mode = match &site.tls {
-            Tls::Off => continue,
-            Tls::Acme => "acme",
-            Tls::Internal => "internal",
-            Tls::Files { .. } => "{ cert, key }",
-        };
+    if let Some(site) = config.sites.iter().find(|s| s.tls == Tls::Acme) {
         bail!(
-            "{}: tls = {mode} needs HTTPS, which this build does not serve yet; set tls = \"off\"",
+            "{}: tls = \"acme\" (the default) needs ACME, which this build does not have yet; \
+             set tls = \"internal\", tls = {{ cert = \"...\", key = \"...\" }} or tls = \"off\"",
             config_origin(&site.settings)
         );
     }
@@ -138,20 +140,128 @@ pub fn run_config(config: Config) -> anyhow::Result<()> {
     runtime.block_on(serve(config))
 }
 
+/// What the running instance adds to every configuration's proxy settings.
+#[derive(Debug, Clone)]
+struct Wiring {
+    https_port: Option<u16>,
+    challenges: Arc<Challenges>,
+}
+
+impl Wiring {
+    fn settings(&self, config: &Config) -> portunus_proxy::ProxySettings {
+        let settings = config
+            .proxy_settings()
+            .challenges(Arc::clone(&self.challenges));
+        match self.https_port {
+            Some(port) => settings.https_port(port),
+            None => settings,
+        }
+    }
+}
+
+/// Loads (or issues) every certificate of the TLS sites into `resolver`, before any
+/// listener accepts. Unusable certificates are reported with their path and skipped.
+async fn load_certificates(
+    config: &Config,
+    resolver: &Arc<CertResolver>,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> anyhow::Result<CertKeeper> {
+    let storage = FsStorage::open(&config.storage).context("storage directory")?;
+    let mut keeper = CertKeeper::new(
+        Arc::clone(resolver),
+        Arc::new(storage),
+        Arc::clone(provider),
+    );
+    if config.sites.iter().any(|s| s.tls == Tls::Internal) {
+        let ca_dir = config.storage.join("ca");
+        let ca = LocalCa::load_or_create(&ca_dir).context("local CA")?;
+        info!(root = %ca_dir.join("root.pem").display(), "local CA ready");
+        keeper = keeper.local_ca(Arc::new(ca));
+    }
+    for site in &config.sites {
+        keeper = match &site.tls {
+            Tls::Internal => keeper.source(CertSource::Internal {
+                names: site.settings.hosts.clone(),
+            }),
+            Tls::Files { cert, key } => keeper.source(CertSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            Tls::Off | Tls::Acme => keeper,
+        };
+    }
+    for error in keeper.load().await {
+        error!(error = %error, cause = ?std::error::Error::source(&error), "certificate skipped; the other sites keep serving");
+    }
+    Ok(keeper)
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let proxy = Proxy::new(config.proxy_settings()).context("invalid sites")?;
-    let Some(http_addr) = config.listen.http else {
-        bail!("no listener to serve: add `http` to [listen]");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let resolver = Arc::new(CertResolver::new());
+    resolver.set_default_sni(config.listen.default_sni.as_deref());
+    let needs_tls = config.sites.iter().any(|s| s.tls != Tls::Off);
+
+    let keeper = if needs_tls {
+        Some(load_certificates(&config, &resolver, &provider).await?)
+    } else {
+        None
     };
-    let listener = bind(http_addr).await?;
+    let http = match config.listen.http {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let https = match (needs_tls, config.listen.https) {
+        (true, Some(addr)) => Some(bind(addr).await?),
+        (true, None) => bail!("TLS sites need an https listener in [listen]"),
+        (false, _) => None,
+    };
+    if http.is_none() && https.is_none() {
+        bail!("no listener to serve: add `http` or `https` to [listen]");
+    }
+    let wiring = Wiring {
+        https_port: https
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port()),
+        challenges: Arc::clone(resolver.challenges()),
+    };
+    let proxy = Proxy::new(wiring.settings(&config)).context("invalid sites")?;
 
     let shutdown = CancellationToken::new();
-    spawn_signal_handlers(shutdown.clone(), proxy.clone(), config.path.clone())?;
+    spawn_signal_handlers(shutdown.clone(), proxy.clone(), config.path.clone(), wiring)?;
     info!(sites = config.sites.len(), "portunus started");
-    proxy
-        .serve(listener, shutdown.cancelled_owned())
-        .await
-        .context("serving HTTP")?;
+    let plain = async {
+        match http {
+            Some(listener) => proxy
+                .serve(listener, shutdown.clone().cancelled_owned())
+                .await
+                .context("serving HTTP"),
+            None => Ok(()),
+        }
+    };
+    let secure = async {
+        match https {
+            Some(listener) => {
+                let tls =
+                    portunus_proxy::server_config(Arc::clone(&resolver), Arc::clone(&provider))
+                        .context("TLS configuration")?;
+                proxy
+                    .serve_tls(listener, tls, shutdown.clone().cancelled_owned())
+                    .await
+                    .context("serving HTTPS")
+            }
+            None => Ok(()),
+        }
+    };
+    let refresh = async {
+        if let Some(keeper) = keeper {
+            keeper.run(shutdown.clone().cancelled_owned()).await;
+        }
+    };
+    let (plain, secure, ()) = tokio::join!(plain, secure, refresh);
+    plain?;
+    secure?;
     info!("portunus stopped");
     Ok(())
 }
@@ -160,6 +270,7 @@ fn spawn_signal_handlers(
     shutdown: CancellationToken,
     proxy: Proxy,
     path: PathBuf,
+    wiring: Wiring,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -170,7 +281,7 @@ fn spawn_signal_handlers(
             tokio::select! {
                 _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
                 _ = int.recv() => { info!("SIGINT: shutting down"); break; }
-                _ = hup.recv() => reload(&proxy, &path),
+                _ = hup.recv() => reload(&proxy, &path, &wiring),
             }
         }
         shutdown.cancel();
@@ -179,7 +290,7 @@ fn spawn_signal_handlers(
 }
 
 /// Re-reads the configuration file and swaps in its sites; an invalid file changes nothing.
-fn reload(proxy: &Proxy, path: &Path) {
+fn reload(proxy: &Proxy, path: &Path, wiring: &Wiring) {
     if path == Path::new("(command line)") {
         info!("SIGHUP: nothing to reload without a configuration file");
         return;
@@ -189,7 +300,7 @@ fn reload(proxy: &Proxy, path: &Path) {
         .and_then(|c| unsupported(&c).map(|()| c))
         .and_then(|c| {
             proxy
-                .update(&c.proxy_settings())
+                .update(&wiring.settings(&c))
                 .map_err(anyhow::Error::from)
         });
     match result {

@@ -10,7 +10,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -37,7 +37,7 @@ pub(crate) struct Activity {
     head_started: AtomicU64,
     in_flight: AtomicUsize,
     /// Whether request heads are tracked (HTTP/1 only: HTTP/2 sends frames all the time).
-    track_heads: bool,
+    track_heads: AtomicBool,
 }
 
 impl Activity {
@@ -47,7 +47,7 @@ impl Activity {
             last: AtomicU64::new(0),
             head_started: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
-            track_heads,
+            track_heads: AtomicBool::new(track_heads),
         })
     }
 
@@ -59,12 +59,19 @@ impl Activity {
         let now = self.now_ms();
         self.last.store(now, Ordering::Relaxed);
         if read
-            && self.track_heads
+            && self.track_heads.load(Ordering::Relaxed)
             && self.in_flight.load(Ordering::Relaxed) == 0
             && self.head_started.load(Ordering::Relaxed) == 0
         {
             self.head_started.store(now + 1, Ordering::Relaxed);
         }
+    }
+
+    /// Stops tracking request heads (the connection turned out to speak HTTP/2), and forgets
+    /// the bytes of the TLS handshake.
+    pub(crate) fn set_track_heads(&self, track: bool) {
+        self.track_heads.store(track, Ordering::Relaxed);
+        self.head_started.store(0, Ordering::Relaxed);
     }
 
     /// Called when the service receives a request: it counts as in flight until the guard

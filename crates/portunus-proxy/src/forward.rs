@@ -13,6 +13,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use portunus_router::Router;
+use portunus_store::Challenges;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -42,13 +43,26 @@ pub(crate) struct Target {
     pub(crate) strip_prefix: bool,
 }
 
+/// Site-wide behaviour, indexed like the router's sites.
+#[derive(Debug)]
+pub(crate) struct SiteInfo {
+    pub(crate) tls: bool,
+    pub(crate) https_redirect: bool,
+    pub(crate) hsts: Option<HeaderValue>,
+}
+
 /// Everything that may change on reload.
 #[derive(Debug)]
 pub(crate) struct Table {
     pub(crate) router: Router<Arc<Target>>,
+    pub(crate) sites: Vec<SiteInfo>,
     pub(crate) timeouts: Timeouts,
     pub(crate) trusted: Vec<ipnet::IpNet>,
+    pub(crate) https_port: u16,
+    pub(crate) challenges: Option<Arc<Challenges>>,
 }
+
+const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
 /// One client connection, as the request handler sees it.
 #[derive(Debug)]
@@ -90,15 +104,9 @@ pub(crate) async fn handle(
 
 /// The answer for a request that could not be proxied.
 pub(crate) fn error_response(error: &RequestError) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::full(error.body()));
-    *response.status_mut() = error.status();
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    let mut response = text_response(error.status(), Bytes::from(error.body()));
     if matches!(error, RequestError::Connect) {
-        headers.insert(
+        response.headers_mut().insert(
             header::ALLOW,
             HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"),
         );
@@ -120,7 +128,7 @@ fn request_host(req: &Request<Incoming>) -> Option<&str> {
 async fn route(
     table: &Table,
     client: &UpstreamClient,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     ctx: &ConnCtx,
 ) -> Result<Response<ProxyBody>, RequestError> {
     if req.method() == Method::CONNECT {
@@ -141,29 +149,90 @@ async fn route(
             true
         }
     };
+    let challenge_token = req.uri().path().strip_prefix(ACME_CHALLENGE_PREFIX);
+    if let (false, Some(token), Some(challenges)) = (ctx.tls, challenge_token, &table.challenges)
+        && let Some(answer) = challenges.http01(token)
+    {
+        return Ok(text_response(StatusCode::OK, Bytes::from(answer)));
+    }
     let host = request_host(&req)
         .ok_or(RequestError::MissingHost)?
         .to_owned();
-    let Some(matched) = table.router.lookup(&host, req.uri().path()) else {
-        return Err(if table.router.site_for(&host).is_some() {
-            RequestError::NoRoute
-        } else {
-            RequestError::UnknownHost
-        });
+    let site_index = table
+        .router
+        .site_for(&host)
+        .ok_or(RequestError::UnknownHost)?;
+    let site = table.sites.get(site_index);
+    if !ctx.tls && challenge_token.is_none() && site.is_some_and(|s| s.tls && s.https_redirect) {
+        return Ok(redirect_to_https(&host, req.uri(), table.https_port));
+    }
+    let hsts = site.filter(|_| ctx.tls).and_then(|s| s.hsts.clone());
+    let mut response =
+        forward_to_site(table, client, req, ctx, &host, site_index, websocket).await?;
+    if let Some(hsts) = hsts {
+        response
+            .headers_mut()
+            .entry(header::STRICT_TRANSPORT_SECURITY)
+            .or_insert(hsts);
+    }
+    Ok(response)
+}
+
+/// A small `text/plain` answer.
+fn text_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// `308` to the same host, path and query over HTTPS.
+fn redirect_to_https(host: &str, uri: &Uri, https_port: u16) -> Response<ProxyBody> {
+    let name = portunus_router::split_host_port(host);
+    let name = if name.contains(':') {
+        format!("[{name}]")
+    } else {
+        name.to_owned()
     };
+    let port = if https_port == 443 {
+        String::new()
+    } else {
+        format!(":{https_port}")
+    };
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{name}{port}{path}");
+    let mut response = text_response(
+        StatusCode::PERMANENT_REDIRECT,
+        Bytes::from(format!("308 Permanent Redirect: {location}\n")),
+    );
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+/// Routes within a site and forwards (or answers).
+async fn forward_to_site(
+    table: &Table,
+    client: &UpstreamClient,
+    mut req: Request<Incoming>,
+    ctx: &ConnCtx,
+    host: &str,
+    site_index: usize,
+    websocket: bool,
+) -> Result<Response<ProxyBody>, RequestError> {
+    let matched = table
+        .router
+        .route(site_index, req.uri().path())
+        .ok_or(RequestError::NoRoute)?;
     let target = Arc::clone(matched.target);
     let prefix_len = matched.prefix.len();
 
     let pool = match &target.action {
-        Action::Respond { status, body } => {
-            let mut response = Response::new(ProxyBody::full(body.clone()));
-            *response.status_mut() = *status;
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            );
-            return Ok(response);
-        }
+        Action::Respond { status, body } => return Ok(text_response(*status, body.clone())),
         Action::Forward(pool) => pool,
     };
 
@@ -180,7 +249,7 @@ async fn route(
     let mut headers = parts.headers;
     let upgrade_value = headers.get(header::UPGRADE).cloned();
     remove_hop_by_hop(&mut headers);
-    if let Ok(value) = HeaderValue::from_str(&host) {
+    if let Ok(value) = HeaderValue::from_str(host) {
         headers.insert(header::HOST, value);
     }
     let peer: IpAddr = ctx.peer.ip().to_canonical();
@@ -190,7 +259,7 @@ async fn route(
             peer,
             trusted: is_trusted(&table.trusted, peer),
             tls: ctx.tls,
-            host: &host,
+            host,
             local_port: ctx.local.port(),
             trusted_nets: &table.trusted,
         },

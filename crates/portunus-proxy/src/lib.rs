@@ -35,10 +35,12 @@ mod forward;
 mod headers;
 mod proxy;
 mod settings;
+mod tls;
 mod upstream;
 
 pub use body::ProxyBody;
 pub use error::{Error, RequestError, Result, Side};
 pub use proxy::Proxy;
 pub use settings::{Handler, LoadBalancing, ProxySettings, RouteSettings, SiteSettings, Timeouts};
+pub use tls::{TlsError, server_config};
 pub use upstream::{UpstreamUrlError, check_upstream_url};

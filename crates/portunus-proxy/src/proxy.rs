@@ -14,14 +14,16 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use portunus_router::{Router, Site};
+use portunus_store::ACME_TLS_ALPN;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::conn::{Activity, Expired, TrackedIo};
 use crate::error::{Error, Result};
-use crate::forward::{Action, ConnCtx, Table, Target, UpstreamClient, handle};
+use crate::forward::{Action, ConnCtx, SiteInfo, Table, Target, UpstreamClient, handle};
 use crate::settings::{Handler, ProxySettings};
 use crate::upstream::Pool;
 
@@ -39,6 +41,7 @@ struct Shared {
     table: ArcSwap<Table>,
     client: UpstreamClient,
     max_header_bytes: usize,
+    h2_max_streams: u32,
 }
 
 impl Proxy {
@@ -60,6 +63,7 @@ impl Proxy {
                 table: ArcSwap::from_pointee(table),
                 client,
                 max_header_bytes: settings.max_header_bytes,
+                h2_max_streams: settings.h2_max_streams,
             }),
         })
     }
@@ -79,11 +83,40 @@ impl Proxy {
     where
         F: Future<Output = ()> + Send,
     {
+        self.serve_with(listener, None, shutdown).await
+    }
+
+    /// Serves HTTPS on `listener` (HTTP/2 or HTTP/1.1 as ALPN decides) with `config`
+    /// (see [`server_config`](crate::server_config)), until `shutdown` completes, then
+    /// drains like [`Proxy::serve`].
+    pub async fn serve_tls<F>(
+        &self,
+        listener: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+        shutdown: F,
+    ) -> Result<()>
+    where
+        F: Future<Output = ()> + Send,
+    {
+        self.serve_with(listener, Some(TlsAcceptor::from(config)), shutdown)
+            .await
+    }
+
+    async fn serve_with<F>(
+        &self,
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+        shutdown: F,
+    ) -> Result<()>
+    where
+        F: Future<Output = ()> + Send,
+    {
         let local = listener.local_addr().map_err(|source| Error::Listener {
             addr: "?".into(),
             source,
         })?;
-        info!(addr = %local, "listening for HTTP");
+        let kind = if tls.is_some() { "HTTPS" } else { "HTTP" };
+        info!(addr = %local, "listening for {kind}");
         let tracker = TaskTracker::new();
         let drain = CancellationToken::new();
         let force = CancellationToken::new();
@@ -97,18 +130,18 @@ impl Proxy {
                 Ok((stream, peer)) => {
                     let conn = Connection {
                         shared: Arc::clone(&self.shared),
-                        ctx: ConnCtx {
+                        ctx: Arc::new(ConnCtx {
                             peer,
                             local,
-                            tls: false,
+                            tls: tls.is_some(),
                             activity: Activity::new(true),
                             tracker: tracker.clone(),
                             force: force.clone(),
-                        },
+                        }),
                         drain: drain.clone(),
                     };
                     let span = info_span!("conn", %peer);
-                    tracker.spawn(conn.serve_http1(stream).instrument(span));
+                    tracker.spawn(conn.serve(stream, tls.clone()).instrument(span));
                 }
                 Err(error) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -175,10 +208,25 @@ fn compile(settings: &ProxySettings) -> Result<Table> {
         builder.push(compiled);
     }
     let router = builder.build().map_err(Error::Routes)?;
+    let sites = settings
+        .sites
+        .iter()
+        .map(|site| SiteInfo {
+            tls: site.tls,
+            https_redirect: site.https_redirect,
+            hsts: site
+                .hsts
+                .as_deref()
+                .and_then(|v| http::HeaderValue::from_str(v).ok()),
+        })
+        .collect();
     Ok(Table {
         router,
+        sites,
         timeouts: settings.timeouts,
         trusted: settings.trusted_proxies.clone(),
+        https_port: settings.https_port,
+        challenges: settings.challenges.clone(),
     })
 }
 
@@ -217,34 +265,93 @@ where
 /// One accepted client connection.
 struct Connection {
     shared: Arc<Shared>,
-    ctx: ConnCtx,
+    ctx: Arc<ConnCtx>,
     drain: CancellationToken,
 }
 
 impl Connection {
-    async fn serve_http1(self, stream: TcpStream) {
+    async fn serve(self, stream: TcpStream, tls: Option<TlsAcceptor>) {
         let _ = stream.set_nodelay(true);
-        let Self { shared, ctx, drain } = self;
-        let ctx = Arc::new(ctx);
-        let io = TokioIo::new(TrackedIo::new(stream, Arc::clone(&ctx.activity)));
-        let service = {
-            let (shared, ctx) = (Arc::clone(&shared), Arc::clone(&ctx));
-            service_fn(move |req| {
-                let (shared, ctx) = (Arc::clone(&shared), Arc::clone(&ctx));
-                async move {
-                    let table = shared.table.load_full();
-                    Ok::<_, Infallible>(handle(table, &shared.client, req, &ctx).await)
-                }
-            })
+        let io = TrackedIo::new(stream, Arc::clone(&self.ctx.activity));
+        let Some(acceptor) = tls else {
+            return self.serve_http1(io).await;
         };
+        let timeout = self.shared.table.load().timeouts.tls_handshake;
+        let handshake = tokio::select! {
+            result = tokio::time::timeout(timeout, acceptor.accept(io)) => result,
+            () = self.ctx.force.cancelled() => return,
+        };
+        let stream = match handshake {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                debug!(%error, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                debug!("TLS handshake timed out");
+                return;
+            }
+        };
+        match stream.get_ref().1.alpn_protocol() {
+            Some(ACME_TLS_ALPN) => {
+                // tls-alpn-01 validation: the handshake was the answer.
+                let mut stream = stream;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+            }
+            Some(b"h2") => {
+                self.ctx.activity.set_track_heads(false);
+                self.serve_http2(stream).await;
+            }
+            _ => self.serve_http1(stream).await,
+        }
+    }
+
+    fn service(
+        &self,
+    ) -> impl hyper::service::Service<
+        http::Request<hyper::body::Incoming>,
+        Response = http::Response<crate::body::ProxyBody>,
+        Error = Infallible,
+        Future = impl Future<
+            Output = std::result::Result<http::Response<crate::body::ProxyBody>, Infallible>,
+        > + Send
+                 + 'static,
+    > + Clone
+    + Send
+    + 'static {
+        let (shared, ctx) = (Arc::clone(&self.shared), Arc::clone(&self.ctx));
+        service_fn(move |req| {
+            let (shared, ctx) = (Arc::clone(&shared), Arc::clone(&ctx));
+            async move {
+                let table = shared.table.load_full();
+                Ok::<_, Infallible>(handle(table, &shared.client, req, &ctx).await)
+            }
+        })
+    }
+
+    async fn serve_http1<I>(self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(None)
             .keep_alive(true)
-            .max_buf_size(shared.max_header_bytes.max(8192))
-            .serve_connection(io, service)
+            .max_buf_size(self.shared.max_header_bytes.max(8192))
+            .serve_connection(TokioIo::new(io), self.service())
             .with_upgrades();
-        drive(conn, &shared, &ctx, &drain).await;
+        drive(conn, &self.shared, &self.ctx, &self.drain).await;
+    }
+
+    async fn serve_http2<I>(self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let conn = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(self.shared.h2_max_streams)
+            .serve_connection(TokioIo::new(io), self.service());
+        drive(conn, &self.shared, &self.ctx, &self.drain).await;
     }
 }
 

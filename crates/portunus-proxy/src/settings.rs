@@ -1,9 +1,11 @@
 //! Typed settings: what the binary's configuration file turns into.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
 use ipnet::IpNet;
+use portunus_store::Challenges;
 
 /// The `[timeouts]` of the configuration. Defaults are those of DESIGN.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +17,8 @@ pub struct Timeouts {
     pub response_header: Duration,
     /// Reading a client's request head, from its first byte (slowloris).
     pub header_read: Duration,
+    /// Completing a TLS handshake.
+    pub tls_handshake: Duration,
     /// A keep-alive connection with no request in flight and no traffic is closed after this.
     pub idle: Duration,
     /// How long in-flight requests may run after shutdown begins.
@@ -27,6 +31,7 @@ impl Default for Timeouts {
             connect: Duration::from_secs(5),
             response_header: Duration::from_secs(60),
             header_read: Duration::from_secs(10),
+            tls_handshake: Duration::from_secs(10),
             idle: Duration::from_secs(60),
             shutdown: Duration::from_secs(30),
         }
@@ -47,6 +52,11 @@ impl Timeouts {
     /// Sets the client request-head timeout.
     pub fn header_read(mut self, d: Duration) -> Self {
         self.header_read = d;
+        self
+    }
+    /// Sets the TLS handshake timeout.
+    pub fn tls_handshake(mut self, d: Duration) -> Self {
+        self.tls_handshake = d;
         self
     }
     /// Sets the keep-alive idle timeout.
@@ -130,6 +140,12 @@ pub struct SiteSettings {
     pub routes: Vec<RouteSettings>,
     /// How each pool of this site picks an upstream.
     pub lb: LoadBalancing,
+    /// Whether the site is served over HTTPS (its certificate comes from the resolver).
+    pub tls: bool,
+    /// For a TLS site: whether plain-HTTP requests get a 308 to HTTPS (default true).
+    pub https_redirect: bool,
+    /// A `Strict-Transport-Security` value added to HTTPS responses.
+    pub hsts: Option<String>,
 }
 
 impl SiteSettings {
@@ -145,7 +161,28 @@ impl SiteSettings {
             handler: None,
             routes: Vec::new(),
             lb: LoadBalancing::default(),
+            tls: false,
+            https_redirect: true,
+            hsts: None,
         }
+    }
+
+    /// Serves the site over HTTPS (plain-HTTP requests are redirected unless turned off).
+    pub fn tls(mut self, tls: bool) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Turns the plain-HTTP to HTTPS redirect of a TLS site on or off.
+    pub fn https_redirect(mut self, redirect: bool) -> Self {
+        self.https_redirect = redirect;
+        self
+    }
+
+    /// Adds `Strict-Transport-Security: value` to HTTPS responses.
+    pub fn hsts(mut self, value: impl Into<String>) -> Self {
+        self.hsts = Some(value.into());
+        self
     }
 
     /// Sets the default handler.
@@ -192,6 +229,12 @@ pub struct ProxySettings {
     pub unhealthy_for: Duration,
     /// The largest request head accepted on HTTP/1.1.
     pub max_header_bytes: usize,
+    /// The public HTTPS port, used in redirects (omitted from the URL when 443).
+    pub https_port: u16,
+    /// Pending ACME challenges: http-01 answers are served on plain HTTP.
+    pub challenges: Option<Arc<Challenges>>,
+    /// The most concurrent streams one HTTP/2 connection may open.
+    pub h2_max_streams: u32,
 }
 
 impl Default for ProxySettings {
@@ -202,6 +245,9 @@ impl Default for ProxySettings {
             trusted_proxies: Vec::new(),
             unhealthy_for: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
+            https_port: 443,
+            challenges: None,
+            h2_max_streams: 128,
         }
     }
 }
@@ -233,6 +279,24 @@ impl ProxySettings {
     /// Sets how long a failed upstream stays out of its pool.
     pub fn unhealthy_for(mut self, d: Duration) -> Self {
         self.unhealthy_for = d;
+        self
+    }
+
+    /// Sets the public HTTPS port used in redirects.
+    pub fn https_port(mut self, port: u16) -> Self {
+        self.https_port = port;
+        self
+    }
+
+    /// Serves the http-01 answers of `challenges` on plain HTTP.
+    pub fn challenges(mut self, challenges: Arc<Challenges>) -> Self {
+        self.challenges = Some(challenges);
+        self
+    }
+
+    /// Sets the HTTP/2 concurrent stream limit.
+    pub fn h2_max_streams(mut self, n: u32) -> Self {
+        self.h2_max_streams = n;
         self
     }
 

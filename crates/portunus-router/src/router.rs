@@ -314,7 +314,11 @@ impl<T> Router<T> {
 
     /// Finds the target for a request to `host` and `path` (the path without its query).
     pub fn lookup(&self, host: &str, path: &str) -> Option<Match<'_, T>> {
-        let site_index = self.site_for(host)?;
+        self.route(self.site_for(host)?, path)
+    }
+
+    /// Finds the target for `path` within site `site_index` (from [`Router::site_for`]).
+    pub fn route(&self, site_index: usize, path: &str) -> Option<Match<'_, T>> {
         let site = self.sites.get(site_index)?;
         for (prefix, target) in &site.routes {
             if path_matches(prefix, path) {
