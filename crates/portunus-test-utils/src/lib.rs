@@ -8,6 +8,9 @@
 //! - `Upgrade: websocket`: completes the handshake and echoes every message;
 //! - anything else: a JSON document with the method, path, query, headers and server name.
 
+// A test harness: a panic here is a test failure with its message, which is what tests want.
+#![allow(clippy::panic)]
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
@@ -514,4 +517,192 @@ pub async fn request(
 /// `GET path` with `Host: host` over a new connection.
 pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Result<Reply, String> {
     request(addr, "GET", host, path, &[], Bytes::new()).await
+}
+
+/// TLS clients for tests: handshakes that record the certificate the server presented.
+pub mod tls {
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+    use tokio::net::TcpStream;
+    use tokio_rustls::TlsConnector;
+    use tokio_rustls::client::TlsStream;
+
+    use super::Reply;
+
+    /// Accepts any certificate and remembers the leaf the server presented.
+    #[derive(Debug, Default)]
+    pub struct Recorder {
+        leaf: Mutex<Option<CertificateDer<'static>>>,
+    }
+
+    impl Recorder {
+        /// The leaf presented in the last handshake, if any.
+        pub fn leaf(&self) -> Option<CertificateDer<'static>> {
+            self.leaf.lock().ok().and_then(|l| l.clone())
+        }
+
+        /// The names of the presented leaf (empty when none was presented).
+        pub fn names(&self) -> Vec<String> {
+            self.leaf()
+                .and_then(|der| portunus_store::parse_info(&der, "test").ok())
+                .map(|info| info.names)
+                .unwrap_or_default()
+        }
+    }
+
+    impl ServerCertVerifier for Recorder {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            if let Ok(mut leaf) = self.leaf.lock() {
+                *leaf = Some(end_entity.clone().into_owned());
+            }
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            _message: &[u8],
+            _cert: &CertificateDer<'_>,
+            _dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            _message: &[u8],
+            _cert: &CertificateDer<'_>,
+            _dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            rustls::crypto::aws_lc_rs::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
+    /// A client configuration that records the server's certificate; `alpn` as given.
+    pub fn recording_config(alpn: &[&[u8]]) -> (Arc<ClientConfig>, Arc<Recorder>) {
+        let recorder = Arc::new(Recorder::default());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap_or_else(|e| panic!("client config: {e}"))
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::clone(&recorder) as _)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        (Arc::new(config), recorder)
+    }
+
+    /// A client configuration trusting only `root_pem`.
+    pub fn trusting(root_pem: &str, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(root_pem.as_bytes()).flatten() {
+            let _ = roots.add(cert);
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap_or_else(|e| panic!("client config: {e}"))
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+
+    /// Connects to `addr` and completes a TLS handshake; `sni` `None` sends no SNI.
+    pub async fn connect(
+        addr: SocketAddr,
+        sni: Option<&str>,
+        config: Arc<ClientConfig>,
+    ) -> std::io::Result<TlsStream<TcpStream>> {
+        let stream = TcpStream::connect(addr).await?;
+        let (name, config) = match sni {
+            Some(name) => (
+                ServerName::try_from(name.to_owned())
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+                config,
+            ),
+            None => {
+                let mut no_sni = ClientConfig::clone(&config);
+                no_sni.enable_sni = false;
+                (ServerName::IpAddress(addr.ip().into()), Arc::new(no_sni))
+            }
+        };
+        TlsConnector::from(config).connect(name, stream).await
+    }
+
+    /// One request over an established TLS stream, HTTP/2 if ALPN chose it; returns the
+    /// reply and the HTTP version used.
+    pub async fn request_over(
+        stream: TlsStream<TcpStream>,
+        host: &str,
+        path: &str,
+    ) -> Result<(Reply, http::Version), String> {
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        let io = TokioIo::new(stream);
+        let uri = format!("https://{host}{path}");
+        let req = http::Request::get(uri)
+            .header(http::header::HOST, host)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let res = if h2 {
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            let mut req = req;
+            req.headers_mut().remove(http::header::HOST);
+            sender.send_request(req).await.map_err(|e| e.to_string())?
+        } else {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            let (mut parts, body) = req.into_parts();
+            parts.uri = path
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+            sender
+                .send_request(http::Request::from_parts(parts, body))
+                .await
+                .map_err(|e| e.to_string())?
+        };
+        let version = res.version();
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let body = res
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((
+            Reply {
+                status,
+                headers,
+                body,
+            },
+            version,
+        ))
+    }
 }
