@@ -1,19 +1,24 @@
 //! Listeners, HTTP serving and forwarding for the Portunus reverse proxy.
 //!
 //! This crate does:
-//! - serve HTTP/1.1 on plain listeners and route each request by host and path
-//!   ([`portunus_router`]) to a pool of upstreams or a static answer;
+//! - serve HTTP/1.1 on plain listeners ([`Proxy::serve`]) and HTTPS with HTTP/2 or HTTP/1.1
+//!   chosen by ALPN ([`Proxy::serve_tls`], certificates from a
+//!   [`portunus_store::CertResolver`] through [`server_config`]), and route each request by
+//!   host and path ([`portunus_router`]) to a pool of upstreams or a static answer;
+//! - redirect plain-HTTP requests of TLS sites to HTTPS, add HSTS, answer ACME http-01 and
+//!   tls-alpn-01 challenges published in the store;
 //! - forward over pooled keep-alive HTTP/1.1 connections, streaming bodies both ways, with
 //!   round-robin or least-connections balancing, passive health and safe retries;
 //! - rewrite headers as a proxy must: hop-by-hop headers removed, `Host` preserved,
 //!   `X-Forwarded-*`, `X-Real-IP` and `Forwarded` set (client copies believed only from
 //!   trusted proxies), `Proxy-Authorization` never forwarded;
 //! - tunnel `Upgrade: websocket` and refuse every other upgrade and `CONNECT`;
-//! - enforce connect, response-head, request-head and idle timeouts, and drain gracefully.
+//! - enforce connect, response-head, request-head, TLS-handshake and idle timeouts, and drain
+//!   gracefully.
 //!
-//! This crate does not read configuration files, install a crypto provider or a tracing
-//! subscriber, spawn tasks on construction, or know anything about ACME: the caller owns the
-//! runtime and drives [`Proxy::serve`] with its own shutdown signal.
+//! This crate does not read configuration files, obtain certificates, install a crypto
+//! provider or a tracing subscriber, spawn tasks on construction, or know anything about ACME:
+//! the caller owns the runtime and drives [`Proxy::serve`] with its own shutdown signal.
 //!
 //! ```no_run
 //! use portunus_proxy::{Proxy, ProxySettings, SiteSettings};
