@@ -38,6 +38,8 @@ pub(crate) struct Activity {
     in_flight: AtomicUsize,
     /// Whether request heads are tracked (HTTP/1 only: HTTP/2 sends frames all the time).
     track_heads: AtomicBool,
+    /// Wakes the watchdog when a request head starts, so its deadline is computed anew.
+    head_notify: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -48,6 +50,7 @@ impl Activity {
             head_started: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             track_heads: AtomicBool::new(track_heads),
+            head_notify: tokio::sync::Notify::new(),
         })
     }
 
@@ -64,6 +67,7 @@ impl Activity {
             && self.head_started.load(Ordering::Relaxed) == 0
         {
             self.head_started.store(now + 1, Ordering::Relaxed);
+            self.head_notify.notify_one();
         }
     }
 
@@ -108,7 +112,10 @@ impl Activity {
             }
             // Never spin: wake at least a few milliseconds later.
             let wait = wake.saturating_sub(now).max(5);
-            tokio::time::sleep(Duration::from_millis(wait)).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                () = self.head_notify.notified() => {}
+            }
         }
     }
 }
@@ -220,6 +227,22 @@ mod tests {
             .await;
         assert_eq!(got, Expired::Idle);
         assert!(started.elapsed() >= Duration::from_millis(990));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_starting_while_the_watchdog_sleeps_still_times_out() {
+        let a = Activity::new(true);
+        let watchdog = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move {
+                a.expired(Duration::from_secs(60), Duration::from_secs(1))
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        a.on_traffic(true);
+        let got = tokio::time::timeout(Duration::from_secs(3), watchdog).await;
+        assert_eq!(got.unwrap().unwrap(), Expired::HeaderRead);
     }
 
     #[tokio::test(start_paused = true)]
