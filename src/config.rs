@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use ipnet::IpNet;
+use portunus_acme::{ChallengeKind, KeyType};
 use portunus_proxy::{
     Handler, LoadBalancing, ProxySettings, RouteSettings, SiteSettings, Timeouts,
 };
@@ -73,6 +74,7 @@ pub struct Listen {
     pub https: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
+    pub admin_token: Option<String>,
     pub default_sni: Option<String>,
 }
 
@@ -83,8 +85,64 @@ impl Default for Listen {
             https: Some(SocketAddr::from(([0u16; 8], 443))),
             admin: None,
             metrics: None,
+            admin_token: None,
             default_sni: None,
         }
+    }
+}
+
+/// The `[acme]` table (and the top-level `email`).
+#[derive(Debug, Clone)]
+pub struct Acme {
+    /// `ca = "internal"`: ACME sites use the local CA instead.
+    pub internal: bool,
+    pub directory: String,
+    pub ca_root: Option<PathBuf>,
+    pub email: Option<String>,
+    pub challenges: Vec<ChallengeKind>,
+    pub key_type: KeyType,
+    pub profile: Option<String>,
+    pub eab: Option<(String, String)>,
+    pub backoff_base: Duration,
+}
+
+impl Default for Acme {
+    fn default() -> Self {
+        Self {
+            internal: false,
+            directory: portunus_acme::LETSENCRYPT.to_owned(),
+            ca_root: None,
+            email: None,
+            challenges: vec![ChallengeKind::TlsAlpn01, ChallengeKind::Http01],
+            key_type: KeyType::default(),
+            profile: None,
+            eab: None,
+            backoff_base: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Acme {
+    /// The ACME crate's configuration.
+    pub fn config(&self) -> portunus_acme::AcmeConfig {
+        let mut config = portunus_acme::AcmeConfig::new(self.directory.clone())
+            .challenges(self.challenges.clone())
+            .key_type(self.key_type);
+        if let Some(root) = &self.ca_root {
+            config = config.ca_root(root.clone());
+        }
+        if let Some(email) = &self.email {
+            config = config.email(email.clone());
+        }
+        if let Some(profile) = &self.profile {
+            config = config.profile(profile.clone());
+        }
+        if let Some((kid, key)) = &self.eab {
+            config = config.eab(kid.clone(), key.clone());
+        }
+        let mut budget = portunus_acme::Budget::default();
+        budget.backoff_base = self.backoff_base;
+        config.budget(budget)
     }
 }
 
@@ -105,6 +163,7 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub max_header_bytes: usize,
     pub h2_max_streams: u32,
+    pub acme: Acme,
     pub sites: Vec<Site>,
     pub docker: bool,
 }
@@ -165,7 +224,6 @@ struct RawListen {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)] // validated now, used by the ACME issue's wiring
 struct RawAcme {
     ca: Option<Spanned<String>>,
     ca_root: Option<Spanned<String>>,
@@ -173,11 +231,11 @@ struct RawAcme {
     key_type: Option<Spanned<String>>,
     profile: Option<Spanned<String>>,
     eab: Option<RawEab>,
+    backoff_base: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)]
 struct RawEab {
     kid: String,
     hmac_key: String,
@@ -437,8 +495,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     }
     let mut take = |name: &str| entries.remove(name);
 
-    // Type-checked now; the ACME account contact is wired in with ACME.
-    let _email: Option<String> = take("email").and_then(|v| c.value(v));
+    let email: Option<String> = take("email").and_then(|v| c.value(v));
     let storage: Option<String> = take("storage").and_then(|v| c.value(v));
     let trusted_raw: Vec<Spanned<String>> = take("trusted_proxies")
         .and_then(|v| c.value(v))
@@ -479,6 +536,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
                 https: c.listen_addr(&l.https),
                 admin: c.listen_addr(&l.admin),
                 metrics: c.listen_addr(&l.metrics),
+                admin_token: l.admin_token.as_ref().map(|t| t.get_ref().clone()),
                 default_sni: l.default_sni.as_ref().map(|s| s.get_ref().clone()),
             }
         }
@@ -489,9 +547,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         c.error(sni.span().start, format!("invalid default_sni: {e}"));
     }
 
-    if let Some(acme) = take("acme").and_then(|v| c.value::<RawAcme>(v)) {
-        check_acme(&mut c, &acme);
-    }
+    let acme = match take("acme").and_then(|v| c.value::<RawAcme>(v)) {
+        Some(raw) => check_acme(&mut c, raw, email),
+        None => Acme {
+            email,
+            ..Acme::default()
+        },
+    };
 
     let defaults = Timeouts::default();
     let timeouts = match take("timeouts").and_then(|v| c.value::<RawTimeouts>(v)) {
@@ -569,44 +631,67 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         timeouts,
         max_header_bytes,
         h2_max_streams,
+        acme,
         sites,
         docker,
     })
 }
 
-fn check_acme(c: &mut Checker<'_>, acme: &RawAcme) {
+fn check_acme(c: &mut Checker<'_>, acme: RawAcme, email: Option<String>) -> Acme {
+    let mut out = Acme {
+        email,
+        ..Acme::default()
+    };
     if let Some(ca) = &acme.ca {
-        let known = ["letsencrypt", "letsencrypt-staging", "zerossl", "internal"];
         let v = ca.get_ref();
-        if !known.contains(&v.as_str()) && !v.starts_with("https://") && !v.starts_with("http://") {
-            c.error(
-                ca.span().start,
-                format!("unknown CA `{v}`: use letsencrypt, letsencrypt-staging, zerossl, internal or a directory URL"),
-            );
+        if v == "internal" {
+            out.internal = true;
+        } else {
+            match portunus_acme::directory_url(v) {
+                Ok(url) => out.directory = url,
+                Err(e) => c.error(ca.span().start, format!("{e}, or internal")),
+            }
         }
     }
-    for ch in acme.challenges.iter().flatten() {
-        if !["tls-alpn-01", "http-01"].contains(&ch.get_ref().as_str()) {
-            c.error(
-                ch.span().start,
-                format!(
-                    "unknown challenge `{}`: use tls-alpn-01 or http-01",
-                    ch.get_ref()
+    out.ca_root = acme.ca_root.map(|p| c.base.join(p.get_ref()));
+    if let Some(list) = &acme.challenges {
+        out.challenges.clear();
+        for ch in list {
+            match ChallengeKind::parse(ch.get_ref()) {
+                Some(kind) if !out.challenges.contains(&kind) => out.challenges.push(kind),
+                Some(_) => {}
+                None => c.error(
+                    ch.span().start,
+                    format!(
+                        "unknown challenge `{}`: use tls-alpn-01 or http-01",
+                        ch.get_ref()
+                    ),
                 ),
+            }
+        }
+        if list.is_empty() {
+            c.error(
+                c.text.find("challenges").unwrap_or(0),
+                "challenges must not be empty",
             );
         }
     }
-    if let Some(k) = &acme.key_type
-        && !["ecdsa-p256", "ecdsa-p384", "rsa2048", "rsa4096"].contains(&k.get_ref().as_str())
-    {
-        c.error(
-            k.span().start,
-            format!(
-                "unknown key_type `{}`: use ecdsa-p256, ecdsa-p384, rsa2048 or rsa4096",
-                k.get_ref()
+    if let Some(k) = &acme.key_type {
+        match KeyType::parse(k.get_ref()) {
+            Some(key_type) => out.key_type = key_type,
+            None => c.error(
+                k.span().start,
+                format!(
+                    "unknown key_type `{}`: use ecdsa-p256, ecdsa-p384, rsa2048 or rsa4096",
+                    k.get_ref()
+                ),
             ),
-        );
+        }
     }
+    out.profile = acme.profile.map(|p| p.into_inner());
+    out.eab = acme.eab.map(|e| (e.kid, e.hmac_key));
+    out.backoff_base = c.duration(&acme.backoff_base, out.backoff_base);
+    out
 }
 
 fn check_site(

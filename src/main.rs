@@ -1,6 +1,8 @@
 //! `portunus`: the binary. Command line, configuration file to typed settings, wiring,
 //! signals. Glue only: the work is done by the `portunus-*` crates.
 
+mod admin;
+mod certs;
 mod config;
 mod run;
 
@@ -45,8 +47,32 @@ enum Command {
         #[arg(long)]
         internal: bool,
     },
+    /// Certificates: list them, or renew one now.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Names, issuer, expiry, next renewal and last error of every certificate (from the
+    /// running instance's admin API, else from the store).
+    List {
+        /// Configuration file (default: $PORTUNUS_CONFIG, else ./portunus.toml).
+        #[arg(short, long, env = "PORTUNUS_CONFIG", default_value = "portunus.toml")]
+        config: PathBuf,
+    },
+    /// Renew the certificate covering NAME now, through the admin API.
+    Renew {
+        /// Any host name the certificate covers.
+        name: String,
+        /// Configuration file (default: $PORTUNUS_CONFIG, else ./portunus.toml).
+        #[arg(short, long, env = "PORTUNUS_CONFIG", default_value = "portunus.toml")]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -81,6 +107,10 @@ fn main() -> ExitCode {
                 finish(run::run_embedded_default())
             }
         }
+        Command::Certs { command } => finish(match command {
+            CertsCommand::List { config } => certs::list(&config),
+            CertsCommand::Renew { name, config } => certs::renew(&config, &name),
+        }),
         Command::Proxy { from, to, internal } => {
             init_logging();
             finish(run::one_site(&from, &to, internal).and_then(run::run_config))

@@ -6,8 +6,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use std::sync::Arc;
 
+use portunus_acme::AcmeManager;
 use portunus_proxy::{Proxy, SiteSettings, Timeouts};
 use portunus_store::{CertKeeper, CertResolver, CertSource, Challenges, FsStorage, LocalCa};
+
+use crate::admin::Admin;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -72,6 +75,7 @@ pub fn one_site(from: &str, to: &str, internal: bool) -> anyhow::Result<Config> 
         timeouts: Timeouts::default(),
         max_header_bytes: 64 * 1024,
         h2_max_streams: 128,
+        acme: crate::config::Acme::default(),
         sites: vec![Site {
             settings: SiteSettings::new("--from", [host])
                 .upstreams([upstream])
@@ -82,23 +86,12 @@ pub fn one_site(from: &str, to: &str, internal: bool) -> anyhow::Result<Config> 
     })
 }
 
-/// Refuses what this build cannot serve yet, with the site's position.
+/// Warns about what this build does not do yet.
 fn unsupported(config: &Config) -> anyhow::Result<()> {
-    if let Some(site) = config.sites.iter().find(|s| s.tls == Tls::Acme) {
-        bail!(
-            "{}: tls = \"acme\" (the default) needs ACME, which this build does not have yet; \
-             set tls = \"internal\", tls = {{ cert = \"...\", key = \"...\" }} or tls = \"off\"",
-            config_origin(&site.settings)
-        );
-    }
     if config.docker {
         warn!("[docker] is configured but container discovery is not part of this build yet");
     }
     Ok(())
-}
-
-fn config_origin(site: &SiteSettings) -> &str {
-    &site.origin
 }
 
 /// Creates the storage directory with mode 0700 if it is missing.
@@ -159,20 +152,57 @@ impl Wiring {
     }
 }
 
+/// Whether a site's certificate comes from the local CA (`tls = "internal"`, or `"acme"`
+/// with `acme.ca = "internal"`).
+fn internal(config: &Config, tls: &Tls) -> bool {
+    *tls == Tls::Internal || *tls == Tls::Acme && config.acme.internal
+}
+
+/// The host names whose certificates come from ACME.
+fn acme_names(config: &Config) -> Vec<String> {
+    config
+        .sites
+        .iter()
+        .filter(|s| s.tls == Tls::Acme && !config.acme.internal)
+        .flat_map(|s| s.settings.hosts.iter().cloned())
+        .collect()
+}
+
+/// The sites as `/status` shows them.
+fn sites_json(config: &Config) -> Vec<serde_json::Value> {
+    config
+        .sites
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "origin": s.settings.origin,
+                "hosts": s.settings.hosts,
+                "tls": match &s.tls {
+                    Tls::Acme => "acme",
+                    Tls::Internal => "internal",
+                    Tls::Off => "off",
+                    Tls::Files { .. } => "files",
+                },
+                "routes": s.settings.routes.iter().map(|r| r.path.clone()).collect::<Vec<_>>(),
+            })
+        })
+        .collect()
+}
+
 /// Loads (or issues) every certificate of the TLS sites into `resolver`, before any
 /// listener accepts. Unusable certificates are reported with their path and skipped.
 async fn load_certificates(
     config: &Config,
+    storage: &FsStorage,
     resolver: &Arc<CertResolver>,
     provider: &Arc<rustls::crypto::CryptoProvider>,
 ) -> anyhow::Result<CertKeeper> {
-    let storage = FsStorage::open(&config.storage).context("storage directory")?;
     let mut keeper = CertKeeper::new(
         Arc::clone(resolver),
-        Arc::new(storage),
+        Arc::new(storage.clone()),
         Arc::clone(provider),
     );
-    if config.sites.iter().any(|s| s.tls == Tls::Internal) {
+    if config.sites.iter().any(|s| internal(config, &s.tls)) {
         let ca_dir = config.storage.join("ca");
         let ca = LocalCa::load_or_create(&ca_dir).context("local CA")?;
         info!(root = %ca_dir.join("root.pem").display(), "local CA ready");
@@ -180,14 +210,14 @@ async fn load_certificates(
     }
     for site in &config.sites {
         keeper = match &site.tls {
-            Tls::Internal => keeper.source(CertSource::Internal {
+            tls if internal(config, tls) => keeper.source(CertSource::Internal {
                 names: site.settings.hosts.clone(),
             }),
             Tls::Files { cert, key } => keeper.source(CertSource::Files {
                 cert: cert.clone(),
                 key: key.clone(),
             }),
-            Tls::Off | Tls::Acme => keeper,
+            Tls::Off | Tls::Acme | Tls::Internal => keeper,
         };
     }
     for error in keeper.load().await {
@@ -202,10 +232,34 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     resolver.set_default_sni(config.listen.default_sni.as_deref());
     let needs_tls = config.sites.iter().any(|s| s.tls != Tls::Off);
 
-    let keeper = if needs_tls {
-        Some(load_certificates(&config, &resolver, &provider).await?)
+    let storage = if needs_tls || config.listen.admin.is_some() {
+        Some(FsStorage::open(&config.storage).context("storage directory")?)
     } else {
         None
+    };
+    let keeper = match (&storage, needs_tls) {
+        (Some(storage), true) => {
+            Some(load_certificates(&config, storage, &resolver, &provider).await?)
+        }
+        _ => None,
+    };
+    let names = acme_names(&config);
+    let acme = match &storage {
+        Some(storage) if !names.is_empty() => {
+            let acme = AcmeManager::new(
+                config.acme.config(),
+                Arc::new(storage.clone()),
+                Arc::clone(&resolver),
+                Arc::clone(&provider),
+            )
+            .context("ACME")?;
+            acme.set_names(names);
+            for error in acme.load().await {
+                error!(error = %error, cause = ?std::error::Error::source(&error), "stored certificate skipped");
+            }
+            Some(acme)
+        }
+        _ => None,
     };
     let http = match config.listen.http {
         Some(addr) => Some(bind(addr).await?),
@@ -229,6 +283,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let proxy = Proxy::new(wiring.settings(&config)).context("invalid sites")?;
 
     let shutdown = CancellationToken::new();
+    if let Some(addr) = config.listen.admin {
+        let listener = bind(addr).await.context("admin listener")?;
+        let admin = Admin {
+            addr: listener.local_addr().unwrap_or(addr),
+            token: config.listen.admin_token.clone(),
+            acme: acme.clone(),
+            storage: storage.clone(),
+            sites: sites_json(&config),
+        };
+        tokio::spawn(admin.serve(listener, shutdown.clone()));
+    }
     spawn_signal_handlers(shutdown.clone(), proxy.clone(), config.path.clone(), wiring)?;
     info!(sites = config.sites.len(), "portunus started");
     let plain = async {
@@ -259,7 +324,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             keeper.run(shutdown.clone().cancelled_owned()).await;
         }
     };
-    let (plain, secure, ()) = tokio::join!(plain, secure, refresh);
+    let renew = async {
+        if let Some(acme) = acme {
+            acme.run(shutdown.clone().cancelled_owned()).await;
+        }
+    };
+    let (plain, secure, (), ()) = tokio::join!(plain, secure, refresh, renew);
     plain?;
     secure?;
     info!("portunus stopped");

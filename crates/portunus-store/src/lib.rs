@@ -40,6 +40,6 @@ pub use cert::{CertInfo, CertPair, parse_info};
 pub use error::{Error, Result};
 pub use keeper::{CertKeeper, CertSource};
 pub use local_ca::{INTERNAL_CA_KEY, LOCAL_LEAF_LIFETIME, LocalCa};
-pub use name::{ca_key, storage_name};
+pub use name::{ca_key, contact_key, storage_name};
 pub use resolver::{ACME_TLS_ALPN, CertResolver, Challenges};
-pub use storage::{CertStorage, FsStorage, MemoryStorage, NameLock, StoredCert};
+pub use storage::{BlobKind, CertStorage, FsStorage, MemoryStorage, NameLock, StoredCert};

@@ -59,6 +59,28 @@ pub fn ca_key(directory: &str) -> Result<String> {
     Ok(key)
 }
 
+/// The storage key of an ACME account's contact: the e-mail address made safe
+/// (`ops@example.com` gives `ops_example.com`), or `default` without one.
+pub fn contact_key(email: Option<&str>) -> String {
+    let Some(email) = email.map(str::trim).filter(|e| !e.is_empty()) else {
+        return "default".to_owned();
+    };
+    let key: String = email
+        .trim_start_matches("mailto:")
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '-' => c.to_ascii_lowercase(),
+            _ => '_',
+        })
+        .collect();
+    let key = key.trim_start_matches('.').to_owned();
+    if key.is_empty() {
+        "default".to_owned()
+    } else {
+        key
+    }
+}
+
 /// Validates a CA key given directly.
 pub(crate) fn check_ca_key(key: &str) -> Result<()> {
     let ok = !key.is_empty()
@@ -120,5 +142,10 @@ mod tests {
         assert!(ca_key("://").is_err());
         assert!(check_ca_key("../x").is_err());
         assert!(check_ca_key("a/b").is_err());
+        assert_eq!(contact_key(Some("Ops@Example.com")), "ops_example.com");
+        assert_eq!(contact_key(Some("mailto:a@b.c")), "a_b.c");
+        assert_eq!(contact_key(None), "default");
+        assert_eq!(contact_key(Some("../../x")), "_.._x");
+        check_ca_key(&contact_key(Some("../../x"))).unwrap();
     }
 }

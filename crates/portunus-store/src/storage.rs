@@ -51,6 +51,23 @@ pub trait CertStorage: Send + Sync + std::fmt::Debug {
     /// Takes the lock of `name`, waiting up to `timeout` for another holder (in this or
     /// another process) to release it.
     async fn lock(&self, ca: &str, name: &str, timeout: Duration) -> Result<NameLock>;
+
+    /// Loads a small document kept beside the certificates (an ACME account, a name's
+    /// renewal state).
+    async fn load_blob(&self, kind: BlobKind, ca: &str, key: &str) -> Result<Option<Vec<u8>>>;
+
+    /// Replaces a small document atomically (0600, fsync, rename).
+    async fn store_blob(&self, kind: BlobKind, ca: &str, key: &str, data: &[u8]) -> Result<()>;
+}
+
+/// What kind of document a blob is, which decides where it lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BlobKind {
+    /// `accounts/<ca-key>/<contact-key>/account.json`; the key is a contact key.
+    Account,
+    /// `state/<ca-key>/<name>.json`; the key is a host name.
+    State,
 }
 
 /// The filesystem store, in DESIGN.md's layout:
@@ -172,6 +189,47 @@ impl FsStorage {
         Ok(names)
     }
 
+    fn blob_path(&self, kind: BlobKind, ca: &str, key: &str) -> Result<PathBuf> {
+        check_ca_key(ca)?;
+        Ok(match kind {
+            BlobKind::Account => {
+                check_ca_key(key)?;
+                self.root
+                    .join("accounts")
+                    .join(ca)
+                    .join(key)
+                    .join("account.json")
+            }
+            BlobKind::State => self
+                .root
+                .join("state")
+                .join(ca)
+                .join(format!("{}.json", storage_name(key)?)),
+        })
+    }
+
+    fn load_blob_blocking(&self, kind: BlobKind, ca: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.blob_path(kind, ca, key)?;
+        match fs::read(&path) {
+            Ok(data) => Ok(Some(data)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    fn store_blob_blocking(&self, kind: BlobKind, ca: &str, key: &str, data: &[u8]) -> Result<()> {
+        let path = self.blob_path(kind, ca, key)?;
+        let dir = path.parent().unwrap_or(&self.root).to_owned();
+        create_private_dir(&dir)?;
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let tmp = dir.join(format!(".tmp-{stamp}-{}", std::process::id()));
+        write_private(&tmp, data)?;
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        sync_dir(&dir)
+    }
+
     fn lock_blocking(&self, ca: &str, name: &str, timeout: Duration) -> Result<NameLock> {
         check_ca_key(ca)?;
         let dir = self.root.join("locks").join(ca);
@@ -232,6 +290,16 @@ impl CertStorage for FsStorage {
         let (this, ca, name) = (self.clone(), ca.to_owned(), name.to_owned());
         blocking(move || this.lock_blocking(&ca, &name, timeout)).await
     }
+
+    async fn load_blob(&self, kind: BlobKind, ca: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        let (this, ca, key) = (self.clone(), ca.to_owned(), key.to_owned());
+        blocking(move || this.load_blob_blocking(kind, &ca, &key)).await
+    }
+
+    async fn store_blob(&self, kind: BlobKind, ca: &str, key: &str, data: &[u8]) -> Result<()> {
+        let (this, ca, key, data) = (self.clone(), ca.to_owned(), key.to_owned(), data.to_vec());
+        blocking(move || this.store_blob_blocking(kind, &ca, &key, &data)).await
+    }
 }
 
 /// Creates a directory (and its parents) with mode 0700.
@@ -262,11 +330,14 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 /// (CA key, storage name).
 type MemoryKey = (String, String);
+/// (kind, CA key, key).
+type BlobKey = (BlobKind, String, String);
 
 /// An in-memory store for embedders and tests: nothing survives the process.
 #[derive(Debug, Default, Clone)]
 pub struct MemoryStorage {
     certs: Arc<Mutex<HashMap<MemoryKey, CertPair>>>,
+    blobs: Arc<Mutex<HashMap<BlobKey, Vec<u8>>>>,
     locks: Arc<Mutex<HashMap<MemoryKey, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
@@ -345,5 +416,24 @@ impl CertStorage for MemoryStorage {
                 name: name.to_owned(),
             }),
         }
+    }
+
+    async fn load_blob(&self, kind: BlobKind, ca: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        check_ca_key(ca)?;
+        Ok(self
+            .blobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(kind, ca.to_owned(), key.to_owned()))
+            .cloned())
+    }
+
+    async fn store_blob(&self, kind: BlobKind, ca: &str, key: &str, data: &[u8]) -> Result<()> {
+        check_ca_key(ca)?;
+        self.blobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((kind, ca.to_owned(), key.to_owned()), data.to_vec());
+        Ok(())
     }
 }

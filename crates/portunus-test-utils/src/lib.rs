@@ -706,3 +706,226 @@ pub mod tls {
         ))
     }
 }
+
+/// A real ACME CA for tests: Pebble and pebble-challtestsrv (Debian package `pebble`) on
+/// free loopback ports, every DNS name resolving to 127.0.0.1 unless told otherwise.
+pub mod pebble {
+    use std::net::{SocketAddr, TcpListener, UdpSocket};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use portunus_store::{LOCAL_LEAF_LIFETIME, LocalCa};
+
+    /// Where the binaries are expected.
+    pub const PEBBLE: &str = "/usr/bin/pebble";
+    /// The mock DNS server.
+    pub const CHALLTESTSRV: &str = "/usr/bin/pebble-challtestsrv";
+
+    /// Options for [`Pebble::start`].
+    #[derive(Debug, Clone, Default)]
+    pub struct Options {
+        /// Where Pebble validates http-01 (the proxy's plain port).
+        pub http01_port: u16,
+        /// Where Pebble validates tls-alpn-01 (the proxy's HTTPS port).
+        pub tlsalpn01_port: u16,
+        /// External Account Binding required, with these (kid, base64url HMAC key) pairs.
+        pub eab: Vec<(String, String)>,
+    }
+
+    /// A running Pebble + challtestsrv, stopped (by PID) when dropped.
+    #[derive(Debug)]
+    pub struct Pebble {
+        /// The ACME directory URL.
+        pub directory: String,
+        /// The CA of the directory's own HTTPS (`acme.ca_root`).
+        pub tls_ca: PathBuf,
+        /// The management API (`/roots/0`).
+        pub mgmt: SocketAddr,
+        /// challtestsrv's management API (`/add-a`).
+        pub challtest: SocketAddr,
+        dir: PathBuf,
+        dns: SocketAddr,
+        pebble: Option<Child>,
+        challtestsrv: Child,
+    }
+
+    /// A port free right now on 127.0.0.1 (TCP and UDP).
+    pub fn free_port() -> u16 {
+        for _ in 0..50 {
+            let Ok(tcp) = TcpListener::bind("127.0.0.1:0") else {
+                continue;
+            };
+            let Ok(addr) = tcp.local_addr() else { continue };
+            if UdpSocket::bind(addr).is_ok() {
+                return addr.port();
+            }
+        }
+        panic!("no free port on 127.0.0.1")
+    }
+
+    /// Whether Pebble is installed; with `CI=true` its absence is a test failure.
+    pub fn available() -> bool {
+        let present = Path::new(PEBBLE).exists() && Path::new(CHALLTESTSRV).exists();
+        if !present {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "Pebble is missing: apt-get install pebble (scripts/test does it as root)"
+            );
+            eprintln!("SKIP: Pebble is missing: apt-get install pebble");
+        }
+        present
+    }
+
+    fn curl(args: &[&str]) -> Option<String> {
+        let out = Command::new("curl")
+            .args(["-fsS", "--max-time", "3"])
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    impl Pebble {
+        /// Starts both servers in `dir` and waits until the directory answers.
+        pub fn start(dir: &Path, options: &Options) -> Result<Self, String> {
+            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+            let ca = LocalCa::generate().map_err(|e| e.to_string())?;
+            let pair = ca
+                .issue(
+                    &["127.0.0.1".into(), "localhost".into()],
+                    LOCAL_LEAF_LIFETIME,
+                )
+                .map_err(|e| e.to_string())?;
+            let tls_ca = dir.join("tls-ca.pem");
+            std::fs::write(&tls_ca, ca.root_pem()).map_err(|e| e.to_string())?;
+            std::fs::write(dir.join("tls-cert.pem"), &pair.chain_pem).map_err(|e| e.to_string())?;
+            std::fs::write(dir.join("tls-key.pem"), &pair.key_pem).map_err(|e| e.to_string())?;
+            let (port, mgmt_port, dns_port, ct_port) =
+                (free_port(), free_port(), free_port(), free_port());
+            let keys: serde_json::Map<String, serde_json::Value> = options
+                .eab
+                .iter()
+                .map(|(kid, key)| (kid.clone(), serde_json::Value::String(key.clone())))
+                .collect();
+            let config = serde_json::json!({
+                "pebble": {
+                    "listenAddress": format!("127.0.0.1:{port}"),
+                    "managementListenAddress": format!("127.0.0.1:{mgmt_port}"),
+                    "certificate": dir.join("tls-cert.pem"),
+                    "privateKey": dir.join("tls-key.pem"),
+                    "httpPort": options.http01_port,
+                    "tlsPort": options.tlsalpn01_port,
+                    "ocspResponderURL": "",
+                    "externalAccountBindingRequired": !options.eab.is_empty(),
+                    "externalAccountMACKeys": keys,
+                }
+            });
+            std::fs::write(dir.join("pebble-config.json"), config.to_string())
+                .map_err(|e| e.to_string())?;
+            let log = |name: &str| {
+                std::fs::File::create(dir.join(name))
+                    .map(Stdio::from)
+                    .unwrap_or_else(|_| Stdio::null())
+            };
+            let challtestsrv = Command::new(CHALLTESTSRV)
+                .args(["-dns01", &format!("127.0.0.1:{dns_port}")])
+                .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+                .args(["-management", &format!("127.0.0.1:{ct_port}")])
+                .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+                .stdin(Stdio::null())
+                .stdout(log("challtestsrv.log"))
+                .stderr(log("challtestsrv.err"))
+                .spawn()
+                .map_err(|e| format!("{CHALLTESTSRV}: {e}"))?;
+            let mut pebble = Self {
+                directory: format!("https://127.0.0.1:{port}/dir"),
+                tls_ca,
+                mgmt: SocketAddr::from(([127, 0, 0, 1], mgmt_port)),
+                challtest: SocketAddr::from(([127, 0, 0, 1], ct_port)),
+                dir: dir.to_owned(),
+                dns: SocketAddr::from(([127, 0, 0, 1], dns_port)),
+                pebble: None,
+                challtestsrv,
+            };
+            pebble.start_pebble()?;
+            Ok(pebble)
+        }
+
+        /// (Re)starts the Pebble process itself with the same configuration and ports.
+        /// Pebble keeps no state: accounts and roots are new after a restart.
+        pub fn start_pebble(&mut self) -> Result<(), String> {
+            let child = Command::new(PEBBLE)
+                .arg("-config")
+                .arg(self.dir.join("pebble-config.json"))
+                .args(["-dnsserver", &self.dns.to_string()])
+                .env("PEBBLE_VA_NOSLEEP", "1")
+                .env("PEBBLE_WFE_NONCEREJECT", "0")
+                .stdin(Stdio::null())
+                .stdout(
+                    std::fs::File::create(self.dir.join("pebble.log"))
+                        .map(Stdio::from)
+                        .unwrap_or_else(|_| Stdio::null()),
+                )
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("{PEBBLE}: {e}"))?;
+            self.pebble = Some(child);
+            let ca = self.tls_ca.display().to_string();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                let ct = std::net::TcpStream::connect(self.challtest).is_ok();
+                if ct && curl(&["--cacert", &ca, &self.directory]).is_some() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(format!("Pebble did not answer; log:\n{}", self.log()))
+        }
+
+        /// Stops the Pebble process (challtestsrv keeps running).
+        pub fn stop_pebble(&mut self) {
+            if let Some(mut child) = self.pebble.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+
+        /// Pebble's issuing root (changes at every Pebble start).
+        pub fn root_pem(&self) -> Result<String, String> {
+            let ca = self.tls_ca.display().to_string();
+            curl(&["--cacert", &ca, &format!("https://{}/roots/0", self.mgmt)])
+                .ok_or_else(|| "cannot fetch /roots/0".to_owned())
+        }
+
+        /// Makes `host` resolve to `ip` (e.g. an address nothing listens on).
+        pub fn set_address(&self, host: &str, ip: &str) -> Result<(), String> {
+            let body =
+                serde_json::json!({"host": format!("{host}."), "addresses": [ip]}).to_string();
+            curl(&[
+                "-X",
+                "POST",
+                "-d",
+                &body,
+                &format!("http://{}/add-a", self.challtest),
+            ])
+            .map(|_| ())
+            .ok_or_else(|| format!("challtestsrv refused add-a for {host}"))
+        }
+
+        /// Pebble's log so far.
+        pub fn log(&self) -> String {
+            std::fs::read_to_string(self.dir.join("pebble.log")).unwrap_or_default()
+        }
+    }
+
+    impl Drop for Pebble {
+        fn drop(&mut self) {
+            self.stop_pebble();
+            let _ = self.challtestsrv.kill();
+            let _ = self.challtestsrv.wait();
+        }
+    }
+}
