@@ -126,6 +126,10 @@ pub struct Budget {
     pub failures_per_window: usize,
     /// The window of `failures_per_window`.
     pub failures_window: Duration,
+    /// Certificates per registered domain per window (Let's Encrypt: 50 per 7 days).
+    pub certs_per_domain: usize,
+    /// The window of `certs_per_domain`.
+    pub certs_window: Duration,
     /// The first retry delay after a failure; doubled after each further failure.
     pub backoff_base: Duration,
     /// The longest retry delay.
@@ -142,6 +146,8 @@ impl Default for Budget {
             orders_window: Duration::from_secs(3 * 3600),
             failures_per_window: 5,
             failures_window: Duration::from_secs(3600),
+            certs_per_domain: 50,
+            certs_window: Duration::from_secs(7 * 24 * 3600),
             backoff_base: Duration::from_secs(60),
             backoff_cap: Duration::from_secs(24 * 3600),
             rate_limited_wait: Duration::from_secs(3600),

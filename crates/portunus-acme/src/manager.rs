@@ -87,6 +87,14 @@ struct NameState {
 struct Pacing {
     orders: VecDeque<SystemTime>,
     failures: HashMap<String, VecDeque<SystemTime>>,
+    issued: HashMap<String, VecDeque<SystemTime>>,
+}
+
+/// The registered domain a name counts against: its last two labels (a public-suffix list
+/// would be exact; two labels is never looser for the common suffixes).
+fn registered_domain(name: &str) -> String {
+    let labels: Vec<&str> = name.rsplit('.').take(2).collect();
+    labels.into_iter().rev().collect::<Vec<_>>().join(".")
 }
 
 struct Inner {
@@ -569,6 +577,11 @@ impl AcmeManager {
             other => other?,
         };
         let info = pair.info(name)?;
+        self.pacing()
+            .issued
+            .entry(registered_domain(name))
+            .or_default()
+            .push_back(SystemTime::now());
         storage.store(ca, name, &pair).await?;
         let not_after = info.not_after;
         self.install(name, &pair, info, current.is_some())?;
@@ -599,6 +612,26 @@ impl AcmeManager {
             .is_some_and(|t| expired(t, budget.orders_window))
         {
             pacing.orders.pop_front();
+        }
+        let domain = registered_domain(name);
+        if let Some(issued) = pacing.issued.get_mut(&domain) {
+            while issued
+                .front()
+                .is_some_and(|t| expired(t, budget.certs_window))
+            {
+                issued.pop_front();
+            }
+            if issued.len() >= budget.certs_per_domain {
+                return Err(Error::Problem {
+                    name: name.to_owned(),
+                    kind: "portunus:budget:certificatesPerDomain".to_owned(),
+                    detail: format!(
+                        "{} certificates for {domain} in the last {:?}: waiting so the CA's limit is never reached",
+                        issued.len(),
+                        budget.certs_window
+                    ),
+                });
+            }
         }
         if let Some(failures) = pacing.failures.get_mut(name) {
             while failures
@@ -645,4 +678,84 @@ fn error_chain(error: &Error) -> String {
         source = cause.source();
     }
     message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portunus_store::MemoryStorage;
+
+    fn manager(budget: crate::Budget) -> AcmeManager {
+        AcmeManager::new(
+            AcmeConfig::new("https://127.0.0.1:14000/dir").budget(budget),
+            Arc::new(MemoryStorage::new()),
+            Arc::new(CertResolver::new()),
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn budget_mirrors_the_ca_limits() {
+        let mut budget = crate::Budget::default();
+        budget.orders_per_window = 3;
+        let m = manager(budget.clone());
+        for name in ["a.test", "b.test", "c.test"] {
+            m.take_budget(name).unwrap();
+        }
+        let err = m.take_budget("d.test").unwrap_err();
+        assert!(err.to_string().contains("newOrders"), "{err}");
+
+        budget.orders_per_window = 100;
+        budget.failures_per_window = 2;
+        budget.certs_per_domain = 2;
+        let m = manager(budget);
+        let now = SystemTime::now();
+        m.pacing()
+            .failures
+            .insert("bad.test".into(), VecDeque::from([now, now]));
+        assert!(
+            m.take_budget("bad.test")
+                .unwrap_err()
+                .to_string()
+                .contains("failedValidations")
+        );
+        assert!(
+            m.take_budget("good.test").is_ok(),
+            "failures count per host name"
+        );
+        m.pacing()
+            .issued
+            .insert("example.com".into(), VecDeque::from([now, now]));
+        let err = m.take_budget("www.example.com").unwrap_err();
+        assert!(err.to_string().contains("certificatesPerDomain"), "{err}");
+        // Old entries leave the window.
+        let old = now - Duration::from_secs(8 * 24 * 3600);
+        m.pacing()
+            .issued
+            .insert("example.com".into(), VecDeque::from([old, old]));
+        assert!(m.take_budget("www.example.com").is_ok());
+    }
+
+    #[test]
+    fn registered_domains() {
+        assert_eq!(registered_domain("a.b.example.com"), "example.com");
+        assert_eq!(registered_domain("example.com"), "example.com");
+        assert_eq!(registered_domain("localhost"), "localhost");
+    }
+
+    #[test]
+    fn renew_needs_a_managed_name_and_status_lists_names() {
+        let m = manager(crate::Budget::default());
+        m.set_names(["a.test", "B.test."]);
+        let names: Vec<String> = m.status().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["a.test", "b.test"]);
+        assert!(m.renew("b.test").is_ok());
+        assert!(m.renew("c.test").is_err());
+        m.set_names(["a.test"]);
+        assert!(
+            m.renew("b.test").is_err(),
+            "removed names are no longer managed"
+        );
+    }
 }

@@ -1,0 +1,124 @@
+//! The ACME manager through its public API against a real Pebble, with its own tiny http-01
+//! responder (no Portunus proxy involved).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use portunus_acme::{AcmeConfig, AcmeEvent, AcmeManager, ChallengeKind};
+use portunus_store::{CertResolver, CertStorage, Challenges, FsStorage};
+use portunus_test_utils::pebble::{Options, Pebble, available, free_port};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+async fn responder(listener: TcpListener, challenges: Arc<Challenges>) {
+    while let Ok((mut stream, _)) = listener.accept().await {
+        let challenges = Arc::clone(&challenges);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let n = stream.read(&mut buf).await.unwrap_or(0);
+            let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+            let body = path
+                .strip_prefix("/.well-known/acme-challenge/")
+                .and_then(|t| challenges.http01(t))
+                .unwrap_or_default();
+            let status = if body.is_empty() {
+                "404 Not Found"
+            } else {
+                "200 OK"
+            };
+            let reply = format!(
+                "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(reply.as_bytes()).await;
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issues_for_dns_names_and_ip_addresses_with_events_and_status() {
+    if !available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let http01 = free_port();
+    let pebble = Pebble::start(
+        &dir.path().join("pebble"),
+        &Options {
+            http01_port: http01,
+            tlsalpn01_port: free_port(),
+            eab: Vec::new(),
+        },
+    )
+    .unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let resolver = Arc::new(CertResolver::new());
+    let storage = Arc::new(FsStorage::open(dir.path().join("storage")).unwrap());
+    let config = AcmeConfig::new(pebble.directory.clone())
+        .ca_root(pebble.tls_ca.clone())
+        .email("lib@example.test")
+        .challenges(vec![ChallengeKind::Http01]);
+    let acme = AcmeManager::new(config, storage.clone(), Arc::clone(&resolver), provider).unwrap();
+    tokio::spawn(responder(
+        TcpListener::bind(("127.0.0.1", http01)).await.unwrap(),
+        Arc::clone(resolver.challenges()),
+    ));
+    acme.set_names(["lib.test", "127.0.0.1"]);
+    assert!(acme.load().await.is_empty());
+    let mut events = acme.subscribe();
+    let stop = tokio_util_free_token();
+    let runner = tokio::spawn(acme.clone().run(stop.1));
+
+    let mut issued = Vec::new();
+    while issued.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(30), events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            AcmeEvent::Issued {
+                name,
+                not_after,
+                renewal,
+            } => {
+                assert!(!renewal && not_after > 0);
+                issued.push(name);
+            }
+            AcmeEvent::Failed { name, error, .. } => panic!("{name}: {error}\n{}", pebble.log()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    issued.sort();
+    assert_eq!(issued, ["127.0.0.1", "lib.test"]);
+    assert!(resolver.lookup(Some("lib.test")).is_some());
+    let ca_key = acme.ca_key().to_owned();
+    let stored = storage.load(&ca_key, "127.0.0.1").await.unwrap().unwrap();
+    assert_eq!(stored.info.names, ["127.0.0.1"]);
+    let status = acme.status();
+    assert!(
+        status
+            .iter()
+            .all(|s| s.not_after.is_some() && s.next_renewal.is_some() && s.last_error.is_none())
+    );
+    assert!(
+        resolver.challenges().http01("anything").is_none(),
+        "answers are withdrawn"
+    );
+    assert!(acme.renew("unknown.test").is_err());
+    let _ = stop.0.send(());
+    runner.await.unwrap();
+}
+
+/// A shutdown signal without extra dependencies: (sender, future).
+fn tokio_util_free_token() -> (
+    tokio::sync::oneshot::Sender<()>,
+    impl std::future::Future<Output = ()>,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    (tx, async move {
+        let _ = rx.await;
+    })
+}
