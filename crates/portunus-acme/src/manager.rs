@@ -697,8 +697,10 @@ mod tests {
 
     #[test]
     fn budget_mirrors_the_ca_limits() {
-        let mut budget = crate::Budget::default();
-        budget.orders_per_window = 3;
+        let mut budget = crate::Budget {
+            orders_per_window: 3,
+            ..Default::default()
+        };
         let m = manager(budget.clone());
         for name in ["a.test", "b.test", "c.test"] {
             m.take_budget(name).unwrap();
