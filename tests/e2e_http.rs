@@ -624,3 +624,101 @@ async fn curl_through_the_proxy() {
     let out = curl("nobody.test");
     assert!(out.ends_with("\n404"), "{out}");
 }
+
+/// Raw HTTP/1.1 exchange returning the status code.
+async fn raw_status(addr: std::net::SocketAddr, request: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    text.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn admin_api_refuses_foreign_hosts_cross_origin_posts_and_missing_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("portunus.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "storage = \"{}\"\n[listen]\nhttp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n[[site]]\nhosts = [\"a.test\"]\nrespond = \"hi\"\ntls = \"off\"\n",
+            dir.path().join("storage").display()
+        ),
+    )
+    .unwrap();
+    let p = Portunus::start(&bin(), &config, 2).unwrap();
+    let admin = p.addr("admin").unwrap();
+    let port = admin.port();
+    let get =
+        |host: String| format!("GET /status HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    assert_eq!(
+        raw_status(admin, &get(format!("127.0.0.1:{port}"))).await,
+        200
+    );
+    assert_eq!(
+        raw_status(admin, &get(format!("localhost:{port}"))).await,
+        200
+    );
+    assert_eq!(
+        raw_status(admin, &get("evil.example".to_owned())).await,
+        403
+    );
+    assert_eq!(
+        raw_status(admin, &get(format!("evil.example:{port}"))).await,
+        403
+    );
+    let post = format!(
+        "POST /certs/a.test/renew HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: http://evil.example\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(raw_status(admin, &post).await, 403);
+    let post = format!(
+        "POST /certs/a.test/renew HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(
+        raw_status(admin, &post).await,
+        404,
+        "no ACME certificate covers a.test"
+    );
+    let r = get_status_json(admin).await;
+    assert_eq!(r["sites"][0]["hosts"][0], "a.test");
+    drop(p);
+
+    // With a token.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "admin = \"127.0.0.1:0\"",
+        "admin = \"127.0.0.1:0\"\nadmin_token = \"s3cret\"",
+    );
+    std::fs::write(&config, text).unwrap();
+    let p = Portunus::start(&bin(), &config, 2).unwrap();
+    let admin = p.addr("admin").unwrap();
+    let host = format!("127.0.0.1:{}", admin.port());
+    assert_eq!(raw_status(admin, &get(host.clone())).await, 401);
+    let authed = format!(
+        "GET /status HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer s3cret\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(raw_status(admin, &authed).await, 200);
+    let wrong = format!(
+        "GET /status HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer nope\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(raw_status(admin, &wrong).await, 401);
+}
+
+async fn get_status_json(admin: std::net::SocketAddr) -> serde_json::Value {
+    let r = request(
+        admin,
+        "GET",
+        &admin.to_string(),
+        "/status",
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    r.json()
+}
