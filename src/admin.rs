@@ -1,4 +1,5 @@
-//! The admin API on `listen.admin`: `GET /status`, `POST /certs/<name>/renew`.
+//! The admin API on `listen.admin`: `GET /status`, `GET /metrics`, `POST /reload`,
+//! `POST /certs/<name>/renew`; and the metrics-only listener on `listen.metrics`.
 //!
 //! Refuses a `Host` that is not the admin address or `localhost`, any `POST` carrying an
 //! `Origin` (no cross-site requests from a browser), and, when `listen.admin_token` is set,
@@ -15,23 +16,32 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use portunus_acme::AcmeManager;
-use portunus_store::{CertStorage, FsStorage, INTERNAL_CA_KEY};
+use portunus_store::parse_info;
+
+use crate::config::Tls;
+use crate::instance::Instance;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-/// What the admin API reports on and acts upon.
+/// The admin API (or, with `metrics_only`, the metrics listener) of an instance.
 #[derive(Debug, Clone)]
 pub struct Admin {
-    pub addr: SocketAddr,
-    pub token: Option<String>,
-    pub acme: Option<AcmeManager>,
-    pub storage: Option<FsStorage>,
-    pub sites: Vec<serde_json::Value>,
+    instance: Arc<Instance>,
+    addr: SocketAddr,
+    metrics_only: bool,
 }
 
 impl Admin {
+    pub fn new(instance: Arc<Instance>, addr: SocketAddr, metrics_only: bool) -> Self {
+        Self {
+            instance,
+            addr,
+            metrics_only,
+        }
+    }
+
     fn host_allowed(&self, host: &str) -> bool {
         let name = portunus_router::split_host_port(host);
         let port_ok = match host.rsplit_once(':') {
@@ -45,14 +55,17 @@ impl Admin {
         name_ok && port_ok
     }
 
-    async fn status(&self) -> serde_json::Value {
-        let acme: Vec<serde_json::Value> = self
-            .acme
+    /// Every certificate in service: ACME state where ACME manages it, else what the
+    /// certificate itself says.
+    fn certificates(&self) -> Vec<serde_json::Value> {
+        let acme = lock_clone(&self.instance.acme);
+        let managed = acme.as_ref().map(AcmeManager::status).unwrap_or_default();
+        let mut out: Vec<serde_json::Value> = managed
             .iter()
-            .flat_map(|a| a.status())
             .map(|s| {
                 json!({
                     "name": s.name,
+                    "names": [s.name],
                     "source": "acme",
                     "issuer": s.issuer,
                     "not_after": s.not_after,
@@ -62,26 +75,118 @@ impl Admin {
                 })
             })
             .collect();
-        let mut certificates = acme;
-        if let Some(storage) = &self.storage {
-            for name in storage.list(INTERNAL_CA_KEY).await.unwrap_or_default() {
-                if let Ok(Some(stored)) = storage.load(INTERNAL_CA_KEY, &name).await {
-                    certificates.push(json!({
-                        "name": name,
-                        "source": "internal",
-                        "issuer": stored.info.issuer,
-                        "not_after": stored.info.not_after,
-                        "next_renewal": null,
-                        "last_error": null,
-                        "failures": 0,
-                    }));
-                }
+        for (name, key) in self.instance.resolver.entries() {
+            if managed.iter().any(|s| s.name == name) {
+                continue;
+            }
+            let Some(info) = key
+                .cert
+                .first()
+                .and_then(|leaf| parse_info(leaf, &name).ok())
+            else {
+                continue;
+            };
+            out.push(json!({
+                "name": name,
+                "names": info.names,
+                "source": "local",
+                "issuer": info.issuer,
+                "not_after": info.not_after,
+                "next_renewal": null,
+                "last_error": null,
+                "failures": 0,
+            }));
+        }
+        out
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let config = self.instance.config();
+        let upstreams = self.instance.proxy.upstreams();
+        let sites: Vec<serde_json::Value> = config
+            .sites
+            .iter()
+            .map(|s| {
+                let label = s
+                    .settings
+                    .hosts
+                    .first()
+                    .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+                    .unwrap_or_default();
+                let health = |route: &str| -> Vec<serde_json::Value> {
+                    upstreams
+                        .iter()
+                        .filter(|u| u.site == label && u.route == route)
+                        .map(|u| json!({"url": u.url, "healthy": u.healthy, "in_flight": u.in_flight}))
+                        .collect()
+                };
+                json!({
+                    "origin": s.settings.origin,
+                    "hosts": s.settings.hosts,
+                    "tls": match &s.tls {
+                        Tls::Acme => "acme",
+                        Tls::Internal => "internal",
+                        Tls::Off => "off",
+                        Tls::Files { .. } => "files",
+                    },
+                    "upstreams": health(""),
+                    "routes": s.settings.routes.iter().map(|r| json!({
+                        "path": r.path,
+                        "strip_prefix": r.strip_prefix,
+                        "upstreams": health(r.path.trim_end_matches('/')),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let reload = lock_clone(&self.instance.last_reload);
+        json!({
+            "sites": sites,
+            "certificates": self.certificates(),
+            "reload": reload,
+        })
+    }
+
+    /// The Prometheus text exposition of everything.
+    fn metrics(&self) -> String {
+        let mut out = self.instance.proxy.metrics_text();
+        out.push_str("# HELP portunus_certificate_expiry_timestamp_seconds End of validity of each certificate in service.\n");
+        out.push_str("# TYPE portunus_certificate_expiry_timestamp_seconds gauge\n");
+        for cert in self.certificates() {
+            if let (Some(name), Some(not_after)) =
+                (cert["name"].as_str(), cert["not_after"].as_u64())
+            {
+                out.push_str(&format!(
+                    "portunus_certificate_expiry_timestamp_seconds{{name=\"{}\"}} {not_after}\n",
+                    portunus_proxy::escape_label(name)
+                ));
             }
         }
-        json!({ "sites": self.sites, "certificates": certificates })
+        let (ok, failed) = lock_clone(&self.instance.acme)
+            .map(|a| a.orders_total())
+            .unwrap_or((0, 0));
+        out.push_str("# HELP portunus_acme_orders_total ACME orders finished, by result.\n");
+        out.push_str("# TYPE portunus_acme_orders_total counter\n");
+        out.push_str(&format!(
+            "portunus_acme_orders_total{{result=\"success\"}} {ok}\n"
+        ));
+        out.push_str(&format!(
+            "portunus_acme_orders_total{{result=\"failure\"}} {failed}\n"
+        ));
+        out
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path().to_owned();
+        let method = req.method().clone();
+        if self.metrics_only {
+            return match (method, path.as_str()) {
+                (Method::GET, "/metrics") => metrics_reply(self.metrics()),
+                _ => reply(
+                    StatusCode::NOT_FOUND,
+                    json!({"error": "only /metrics here"}),
+                ),
+            };
+        }
         let host = req
             .headers()
             .get(header::HOST)
@@ -99,7 +204,8 @@ impl Admin {
                 json!({"error": "cross-origin POST refused"}),
             );
         }
-        if let Some(token) = &self.token {
+        let token = self.instance.config().listen.admin_token;
+        if let Some(token) = &token {
             let given = req
                 .headers()
                 .get(header::AUTHORIZATION)
@@ -117,17 +223,23 @@ impl Admin {
                 return r;
             }
         }
-        let path = req.uri().path().to_owned();
-        let method = req.method().clone();
         // Bodies are not used; read (bounded) and drop what a client sent.
         let _ = http_body_util::Limited::new(req.into_body(), 64 * 1024)
             .collect()
             .await;
         match (method, path.as_str()) {
-            (Method::GET, "/status") => reply(StatusCode::OK, self.status().await),
+            (Method::GET, "/status") => reply(StatusCode::OK, self.status()),
+            (Method::GET, "/metrics") => metrics_reply(self.metrics()),
+            (Method::POST, "/reload") => match self.instance.reload().await {
+                Ok(()) => reply(StatusCode::OK, json!({"reloaded": true})),
+                Err(errors) => reply(
+                    StatusCode::BAD_REQUEST,
+                    json!({"reloaded": false, "errors": errors}),
+                ),
+            },
             (Method::POST, p) if p.starts_with("/certs/") && p.ends_with("/renew") => {
                 let name = &p["/certs/".len()..p.len() - "/renew".len()];
-                match self.acme.as_ref().map(|a| a.renew(name)) {
+                match lock_clone(&self.instance.acme).map(|a| a.renew(name)) {
                     Some(Ok(())) => {
                         info!(sni = %name, "renewal requested through the admin API");
                         reply(StatusCode::ACCEPTED, json!({"renewing": name}))
@@ -139,7 +251,10 @@ impl Admin {
                     ),
                 }
             }
-            (_, "/status") => reply(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "use GET"})),
+            (_, "/status" | "/metrics") => {
+                reply(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "use GET"}))
+            }
+            (_, "/reload") => reply(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "use POST"})),
             (_, p) if p.starts_with("/certs/") => {
                 reply(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "use POST"}))
             }
@@ -147,10 +262,15 @@ impl Admin {
         }
     }
 
-    /// Serves the API until `shutdown` is cancelled.
+    /// Serves until `shutdown` is cancelled.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
         let admin = Arc::new(self);
-        info!(addr = %admin.addr, "listening for admin");
+        let what = if admin.metrics_only {
+            "metrics"
+        } else {
+            "admin"
+        };
+        info!(addr = %admin.addr, "listening for {what}");
         loop {
             let (stream, peer) = tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -179,6 +299,21 @@ impl Admin {
             });
         }
     }
+}
+
+fn lock_clone<T: Clone>(m: &std::sync::Mutex<T>) -> T {
+    m.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+fn metrics_reply(text: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
 }
 
 fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {

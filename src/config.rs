@@ -156,7 +156,6 @@ pub struct Site {
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub path: PathBuf,
     pub storage: PathBuf,
     pub listen: Listen,
     pub trusted_proxies: Vec<IpNet>,
@@ -624,7 +623,6 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     }
     let base = c.base.clone();
     Ok(Config {
-        path: path.to_owned(),
         storage: storage.map_or_else(default_storage, |s| base.join(s)),
         listen,
         trusted_proxies,

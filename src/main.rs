@@ -4,7 +4,9 @@
 mod admin;
 mod certs;
 mod config;
+mod instance;
 mod run;
+mod watch;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -113,7 +115,7 @@ fn main() -> ExitCode {
         }),
         Command::Proxy { from, to, internal } => {
             init_logging();
-            finish(run::one_site(&from, &to, internal).and_then(run::run_config))
+            finish(run::one_site(&from, &to, internal).and_then(|c| run::run_config(c, None)))
         }
     }
 }

@@ -6,21 +6,18 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use std::sync::Arc;
 
-use portunus_acme::AcmeManager;
-use portunus_proxy::{Proxy, SiteSettings, Timeouts};
-use portunus_store::{CertKeeper, CertResolver, CertSource, Challenges, FsStorage, LocalCa};
-
-use crate::admin::Admin;
+use portunus_proxy::{SiteSettings, Timeouts};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
+
+use crate::instance::Instance;
 
 use crate::config::{self, Config, Listen, Site, Tls};
 
 /// `portunus run -c FILE`.
 pub fn run_file(path: PathBuf) -> anyhow::Result<()> {
     let config = config::load(&path)?;
-    run_config(config)
+    run_config(config, Some(path))
 }
 
 /// The configuration served when there is no configuration file.
@@ -31,7 +28,7 @@ pub fn run_embedded_default() -> anyhow::Result<()> {
     info!("no portunus.toml here: serving the embedded default (see config.example.toml)");
     let config = config::parse(Path::new("(embedded default)"), EMBEDDED_DEFAULT)
         .context("the embedded default configuration is invalid")?;
-    run_config(config)
+    run_config(config, None)
 }
 
 /// `portunus proxy --from HOST --to UPSTREAM`: one plain-HTTP site, no configuration file.
@@ -64,7 +61,6 @@ pub fn one_site(from: &str, to: &str, internal: bool) -> anyhow::Result<Config> 
     portunus_proxy::check_upstream_url(&upstream)
         .with_context(|| format!("--to is not a usable upstream: `{to}`"))?;
     Ok(Config {
-        path: PathBuf::from("(command line)"),
         storage: crate::config::default_storage(),
         listen: Listen {
             http: (!internal).then(|| SocketAddr::from(([0u16; 8], port))),
@@ -109,7 +105,7 @@ fn ensure_storage(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Binds a listener; `[::]` falls back to `0.0.0.0` on hosts without IPv6.
-async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     match TcpListener::bind(addr).await {
         Ok(l) => Ok(l),
         Err(e) if addr.ip().is_unspecified() && addr.is_ipv6() => {
@@ -122,226 +118,30 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     }
 }
 
-/// Serves `config` until SIGTERM or SIGINT; reloads on SIGHUP.
-pub fn run_config(config: Config) -> anyhow::Result<()> {
+/// Serves `config` until SIGTERM or SIGINT; reloads on SIGHUP and when `path` changes.
+pub fn run_config(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     unsupported(&config)?;
     ensure_storage(&config.storage)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, path))
 }
 
-/// What the running instance adds to every configuration's proxy settings.
-#[derive(Debug, Clone)]
-struct Wiring {
-    https_port: Option<u16>,
-    challenges: Arc<Challenges>,
-}
-
-impl Wiring {
-    fn settings(&self, config: &Config) -> portunus_proxy::ProxySettings {
-        let settings = config
-            .proxy_settings()
-            .challenges(Arc::clone(&self.challenges));
-        match self.https_port {
-            Some(port) => settings.https_port(port),
-            None => settings,
-        }
+async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    let instance = Instance::new(config, path.clone()).await?;
+    instance.start().await?;
+    spawn_signal_handlers(Arc::clone(&instance))?;
+    if let Some(path) = path {
+        crate::watch::spawn(Arc::clone(&instance), path);
     }
-}
-
-/// Whether a site's certificate comes from the local CA (`tls = "internal"`, or `"acme"`
-/// with `acme.ca = "internal"`).
-fn internal(config: &Config, tls: &Tls) -> bool {
-    *tls == Tls::Internal || *tls == Tls::Acme && config.acme.internal
-}
-
-/// The host names whose certificates come from ACME.
-fn acme_names(config: &Config) -> Vec<String> {
-    config
-        .sites
-        .iter()
-        .filter(|s| s.tls == Tls::Acme && !config.acme.internal)
-        .flat_map(|s| s.settings.hosts.iter().cloned())
-        .collect()
-}
-
-/// The sites as `/status` shows them.
-fn sites_json(config: &Config) -> Vec<serde_json::Value> {
-    config
-        .sites
-        .iter()
-        .map(|s| {
-            serde_json::json!({
-                "origin": s.settings.origin,
-                "hosts": s.settings.hosts,
-                "tls": match &s.tls {
-                    Tls::Acme => "acme",
-                    Tls::Internal => "internal",
-                    Tls::Off => "off",
-                    Tls::Files { .. } => "files",
-                },
-                "routes": s.settings.routes.iter().map(|r| r.path.clone()).collect::<Vec<_>>(),
-            })
-        })
-        .collect()
-}
-
-/// Loads (or issues) every certificate of the TLS sites into `resolver`, before any
-/// listener accepts. Unusable certificates are reported with their path and skipped.
-async fn load_certificates(
-    config: &Config,
-    storage: &FsStorage,
-    resolver: &Arc<CertResolver>,
-    provider: &Arc<rustls::crypto::CryptoProvider>,
-) -> anyhow::Result<CertKeeper> {
-    let mut keeper = CertKeeper::new(
-        Arc::clone(resolver),
-        Arc::new(storage.clone()),
-        Arc::clone(provider),
-    );
-    if config.sites.iter().any(|s| internal(config, &s.tls)) {
-        let ca_dir = config.storage.join("ca");
-        let ca = LocalCa::load_or_create(&ca_dir).context("local CA")?;
-        info!(root = %ca_dir.join("root.pem").display(), "local CA ready");
-        keeper = keeper.local_ca(Arc::new(ca));
-    }
-    for site in &config.sites {
-        keeper = match &site.tls {
-            tls if internal(config, tls) => keeper.source(CertSource::Internal {
-                names: site.settings.hosts.clone(),
-            }),
-            Tls::Files { cert, key } => keeper.source(CertSource::Files {
-                cert: cert.clone(),
-                key: key.clone(),
-            }),
-            Tls::Off | Tls::Acme | Tls::Internal => keeper,
-        };
-    }
-    for error in keeper.load().await {
-        error!(error = %error, cause = ?std::error::Error::source(&error), "certificate skipped; the other sites keep serving");
-    }
-    Ok(keeper)
-}
-
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let resolver = Arc::new(CertResolver::new());
-    resolver.set_default_sni(config.listen.default_sni.as_deref());
-    let needs_tls = config.sites.iter().any(|s| s.tls != Tls::Off);
-
-    let storage = if needs_tls || config.listen.admin.is_some() {
-        Some(FsStorage::open(&config.storage).context("storage directory")?)
-    } else {
-        None
-    };
-    let keeper = match (&storage, needs_tls) {
-        (Some(storage), true) => {
-            Some(load_certificates(&config, storage, &resolver, &provider).await?)
-        }
-        _ => None,
-    };
-    let names = acme_names(&config);
-    let acme = match &storage {
-        Some(storage) if !names.is_empty() => {
-            let acme = AcmeManager::new(
-                config.acme.config(),
-                Arc::new(storage.clone()),
-                Arc::clone(&resolver),
-                Arc::clone(&provider),
-            )
-            .context("ACME")?;
-            acme.set_names(names);
-            for error in acme.load().await {
-                error!(error = %error, cause = ?std::error::Error::source(&error), "stored certificate skipped");
-            }
-            Some(acme)
-        }
-        _ => None,
-    };
-    let http = match config.listen.http {
-        Some(addr) => Some(bind(addr).await?),
-        None => None,
-    };
-    let https = match (needs_tls, config.listen.https) {
-        (true, Some(addr)) => Some(bind(addr).await?),
-        (true, None) => bail!("TLS sites need an https listener in [listen]"),
-        (false, _) => None,
-    };
-    if http.is_none() && https.is_none() {
-        bail!("no listener to serve: add `http` or `https` to [listen]");
-    }
-    let wiring = Wiring {
-        https_port: https
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
-            .map(|a| a.port()),
-        challenges: Arc::clone(resolver.challenges()),
-    };
-    let proxy = Proxy::new(wiring.settings(&config)).context("invalid sites")?;
-
-    let shutdown = CancellationToken::new();
-    if let Some(addr) = config.listen.admin {
-        let listener = bind(addr).await.context("admin listener")?;
-        let admin = Admin {
-            addr: listener.local_addr().unwrap_or(addr),
-            token: config.listen.admin_token.clone(),
-            acme: acme.clone(),
-            storage: storage.clone(),
-            sites: sites_json(&config),
-        };
-        tokio::spawn(admin.serve(listener, shutdown.clone()));
-    }
-    spawn_signal_handlers(shutdown.clone(), proxy.clone(), config.path.clone(), wiring)?;
-    info!(sites = config.sites.len(), "portunus started");
-    let plain = async {
-        match http {
-            Some(listener) => proxy
-                .serve(listener, shutdown.clone().cancelled_owned())
-                .await
-                .context("serving HTTP"),
-            None => Ok(()),
-        }
-    };
-    let secure = async {
-        match https {
-            Some(listener) => {
-                let tls =
-                    portunus_proxy::server_config(Arc::clone(&resolver), Arc::clone(&provider))
-                        .context("TLS configuration")?;
-                proxy
-                    .serve_tls(listener, tls, shutdown.clone().cancelled_owned())
-                    .await
-                    .context("serving HTTPS")
-            }
-            None => Ok(()),
-        }
-    };
-    let refresh = async {
-        if let Some(keeper) = keeper {
-            keeper.run(shutdown.clone().cancelled_owned()).await;
-        }
-    };
-    let renew = async {
-        if let Some(acme) = acme {
-            acme.run(shutdown.clone().cancelled_owned()).await;
-        }
-    };
-    let (plain, secure, (), ()) = tokio::join!(plain, secure, refresh, renew);
-    plain?;
-    secure?;
+    instance.wait().await;
     info!("portunus stopped");
     Ok(())
 }
 
-fn spawn_signal_handlers(
-    shutdown: CancellationToken,
-    proxy: Proxy,
-    path: PathBuf,
-    wiring: Wiring,
-) -> anyhow::Result<()> {
+fn spawn_signal_handlers(instance: Arc<Instance>) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -351,32 +151,14 @@ fn spawn_signal_handlers(
             tokio::select! {
                 _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
                 _ = int.recv() => { info!("SIGINT: shutting down"); break; }
-                _ = hup.recv() => reload(&proxy, &path, &wiring),
+                _ = hup.recv() => {
+                    info!("SIGHUP: reloading");
+                    let instance = Arc::clone(&instance);
+                    tokio::spawn(async move { let _ = instance.reload().await; });
+                }
             }
         }
-        shutdown.cancel();
+        instance.shutdown.cancel();
     });
     Ok(())
-}
-
-/// Re-reads the configuration file and swaps in its sites; an invalid file changes nothing.
-fn reload(proxy: &Proxy, path: &Path, wiring: &Wiring) {
-    if path == Path::new("(command line)") {
-        info!("SIGHUP: nothing to reload without a configuration file");
-        return;
-    }
-    let result = config::load(path)
-        .map_err(anyhow::Error::from)
-        .and_then(|c| unsupported(&c).map(|()| c))
-        .and_then(|c| {
-            proxy
-                .update(&wiring.settings(&c))
-                .map_err(anyhow::Error::from)
-        });
-    match result {
-        Ok(()) => info!(path = %path.display(), "configuration reloaded"),
-        Err(e) => {
-            error!(path = %path.display(), error = %format!("{e:#}"), "reload refused; the running configuration keeps serving")
-        }
-    }
 }

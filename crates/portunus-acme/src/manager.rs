@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -109,6 +109,8 @@ struct Inner {
     slots: Semaphore,
     /// Whether the CA answered a renewalInfo (ARI) request.
     ari: AtomicBool,
+    orders_ok: AtomicU64,
+    orders_failed: AtomicU64,
     wake: Notify,
     events: broadcast::Sender<AcmeEvent>,
 }
@@ -156,6 +158,8 @@ impl AcmeManager {
                 pacing: Mutex::new(Pacing::default()),
                 slots,
                 ari: AtomicBool::new(false),
+                orders_ok: AtomicU64::new(0),
+                orders_failed: AtomicU64::new(0),
                 wake: Notify::new(),
                 events,
             }),
@@ -276,6 +280,14 @@ impl AcmeManager {
         drop(map);
         self.inner.wake.notify_one();
         Ok(())
+    }
+
+    /// Orders finished since start: (succeeded, failed).
+    pub fn orders_total(&self) -> (u64, u64) {
+        (
+            self.inner.orders_ok.load(Ordering::Relaxed),
+            self.inner.orders_failed.load(Ordering::Relaxed),
+        )
     }
 
     /// A stream of issuance and renewal outcomes.
@@ -404,6 +416,7 @@ impl AcmeManager {
         match result {
             Ok(()) => {}
             Err(error) => {
+                self.inner.orders_failed.fetch_add(1, Ordering::Relaxed);
                 let mut retry = {
                     let failures = self
                         .lock_names()
@@ -576,6 +589,7 @@ impl AcmeManager {
             }
             other => other?,
         };
+        self.inner.orders_ok.fetch_add(1, Ordering::Relaxed);
         let info = pair.info(name)?;
         self.pacing()
             .issued

@@ -22,6 +22,7 @@ use crate::body::ProxyBody;
 use crate::conn::Activity;
 use crate::error::RequestError;
 use crate::headers::{ClientInfo, has_token, is_trusted, remove_hop_by_hop, set_forwarded};
+use crate::metrics::SiteMetrics;
 use crate::settings::Timeouts;
 use crate::upstream::{ActiveGuard, Pool, Upstream};
 
@@ -46,6 +47,9 @@ pub(crate) struct Target {
 /// Site-wide behaviour, indexed like the router's sites.
 #[derive(Debug)]
 pub(crate) struct SiteInfo {
+    /// The metrics label: the site's first host.
+    pub(crate) label: String,
+    pub(crate) metrics: Arc<SiteMetrics>,
     pub(crate) tls: bool,
     pub(crate) https_redirect: bool,
     pub(crate) hsts: Option<HeaderValue>,
@@ -60,6 +64,8 @@ pub(crate) struct Table {
     pub(crate) trusted: Vec<ipnet::IpNet>,
     pub(crate) https_port: u16,
     pub(crate) challenges: Option<Arc<Challenges>>,
+    /// Requests no site serves.
+    pub(crate) unknown: Arc<SiteMetrics>,
 }
 
 const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
@@ -83,9 +89,12 @@ pub(crate) async fn handle(
     ctx: &ConnCtx,
 ) -> Response<ProxyBody> {
     let guard = ctx.activity.begin_request();
+    let started = std::time::Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let response = match route(&table, client, req, ctx).await {
+    let access = AccessFields::of(&req);
+    let mut site = None;
+    let response = match route(&table, client, req, ctx, &mut site).await {
         Ok(response) => response,
         Err(error) => {
             match error.side() {
@@ -99,7 +108,81 @@ pub(crate) async fn handle(
             error_response(&error)
         }
     };
+    let elapsed = started.elapsed();
+    let site = site.and_then(|i| table.sites.get(i));
+    site.map_or(&table.unknown, |s| &s.metrics)
+        .record(response.status().as_u16(), elapsed);
+    access.log(
+        ctx,
+        &response,
+        site.map_or("-", |s| s.label.as_str()),
+        elapsed,
+    );
     response.map(|body| body.with_request_guard(guard))
+}
+
+/// What the access log needs of a request, taken before it is consumed.
+struct AccessFields {
+    method: Method,
+    uri: String,
+    version: Version,
+    host: String,
+    referer: String,
+    user_agent: String,
+}
+
+impl AccessFields {
+    fn of(req: &Request<Incoming>) -> Self {
+        let header = |name: header::HeaderName| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        };
+        Self {
+            method: req.method().clone(),
+            uri: req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned(),
+            version: req.version(),
+            host: request_host(req).unwrap_or("").to_owned(),
+            referer: header(header::REFERER),
+            user_agent: header(header::USER_AGENT),
+        }
+    }
+
+    /// One event on target `portunus::access` per request (when that target is enabled).
+    fn log(
+        &self,
+        ctx: &ConnCtx,
+        response: &Response<ProxyBody>,
+        site: &str,
+        elapsed: std::time::Duration,
+    ) {
+        let bytes = response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        tracing::info!(
+            target: "portunus::access",
+            remote = %ctx.peer.ip(),
+            method = %self.method,
+            uri = %self.uri,
+            version = ?self.version,
+            host = %self.host,
+            site,
+            status = response.status().as_u16(),
+            bytes,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            referer = %self.referer,
+            user_agent = %self.user_agent,
+            tls = ctx.tls,
+        );
+    }
 }
 
 /// The answer for a request that could not be proxied.
@@ -130,6 +213,7 @@ async fn route(
     client: &UpstreamClient,
     req: Request<Incoming>,
     ctx: &ConnCtx,
+    site_out: &mut Option<usize>,
 ) -> Result<Response<ProxyBody>, RequestError> {
     if req.method() == Method::CONNECT {
         return Err(RequestError::Connect);
@@ -162,6 +246,7 @@ async fn route(
         .router
         .site_for(&host)
         .ok_or(RequestError::UnknownHost)?;
+    *site_out = Some(site_index);
     let site = table.sites.get(site_index);
     if !ctx.tls && challenge_token.is_none() && site.is_some_and(|s| s.tls && s.https_redirect) {
         return Ok(redirect_to_https(&host, req.uri(), table.https_port));

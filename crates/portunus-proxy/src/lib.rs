@@ -38,6 +38,7 @@ mod conn;
 mod error;
 mod forward;
 mod headers;
+mod metrics;
 mod proxy;
 mod settings;
 mod tls;
@@ -45,7 +46,8 @@ mod upstream;
 
 pub use body::ProxyBody;
 pub use error::{Error, RequestError, Result, Side};
-pub use proxy::Proxy;
+pub use metrics::escape as escape_label;
+pub use proxy::{Proxy, UpstreamStatus};
 pub use settings::{Handler, LoadBalancing, ProxySettings, RouteSettings, SiteSettings, Timeouts};
 pub use tls::{TlsError, server_config};
 pub use upstream::{UpstreamUrlError, check_upstream_url};

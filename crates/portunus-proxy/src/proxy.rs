@@ -24,6 +24,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::conn::{Activity, Expired, TrackedIo};
 use crate::error::{Error, Result};
 use crate::forward::{Action, ConnCtx, SiteInfo, Table, Target, UpstreamClient, handle};
+use crate::metrics::{Registry, escape};
 use crate::settings::{Handler, ProxySettings};
 use crate::upstream::Pool;
 
@@ -42,12 +43,14 @@ struct Shared {
     client: UpstreamClient,
     max_header_bytes: usize,
     h2_max_streams: u32,
+    metrics: Registry,
 }
 
 impl Proxy {
     /// Compiles `settings` into a proxy. Reports every invalid site, host or upstream at once.
     pub fn new(settings: ProxySettings) -> Result<Self> {
-        let table = compile(&settings)?;
+        let metrics = Registry::default();
+        let table = compile(&settings, &metrics)?;
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(settings.timeouts.connect));
         connector.set_nodelay(true);
@@ -64,6 +67,7 @@ impl Proxy {
                 client,
                 max_header_bytes: settings.max_header_bytes,
                 h2_max_streams: settings.h2_max_streams,
+                metrics,
             }),
         })
     }
@@ -72,9 +76,55 @@ impl Proxy {
     /// were going; connections stay open. The upstream connect timeout and the request head
     /// size limit keep the values given to [`Proxy::new`].
     pub fn update(&self, settings: &ProxySettings) -> Result<()> {
-        let table = compile(settings)?;
+        let table = compile(settings, &self.shared.metrics)?;
         self.shared.table.store(Arc::new(table));
         Ok(())
+    }
+
+    /// Every upstream of the current table with its passive health.
+    pub fn upstreams(&self) -> Vec<UpstreamStatus> {
+        let table = self.shared.table.load();
+        let mut out = Vec::new();
+        for (index, site) in table.sites.iter().enumerate() {
+            for (route, target) in table.router.site_targets(index) {
+                if let Action::Forward(pool) = &target.action {
+                    for upstream in pool.upstreams() {
+                        out.push(UpstreamStatus {
+                            site: site.label.clone(),
+                            route: route.to_owned(),
+                            url: upstream.url.clone(),
+                            healthy: pool.is_healthy(upstream),
+                            in_flight: upstream.active(),
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The proxy's metrics in the Prometheus text format: `portunus_requests_total`,
+    /// `portunus_request_duration_seconds` and `portunus_upstream_healthy`.
+    pub fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        self.shared.metrics.render(&mut out);
+        out.push_str("# HELP portunus_upstream_healthy Whether an upstream is in service (passive health).\n");
+        out.push_str("# TYPE portunus_upstream_healthy gauge\n");
+        let mut seen = std::collections::HashSet::new();
+        for u in self.upstreams() {
+            if seen.insert((u.site.clone(), u.url.clone())) {
+                let _ = std::fmt::Write::write_fmt(
+                    &mut out,
+                    format_args!(
+                        "portunus_upstream_healthy{{site=\"{}\",upstream=\"{}\"}} {}\n",
+                        escape(&u.site),
+                        escape(&u.url),
+                        u8::from(u.healthy)
+                    ),
+                );
+            }
+        }
+        out
     }
 
     /// Serves plain HTTP/1.1 on `listener` until `shutdown` completes, then stops accepting,
@@ -164,8 +214,24 @@ impl Proxy {
     }
 }
 
+/// One upstream as `/status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UpstreamStatus {
+    /// The site's label (its first host).
+    pub site: String,
+    /// The route prefix (`""` for the site's default upstreams).
+    pub route: String,
+    /// The upstream URL.
+    pub url: String,
+    /// Whether it is in service.
+    pub healthy: bool,
+    /// Requests in flight on it.
+    pub in_flight: usize,
+}
+
 /// Builds the routing table from settings.
-fn compile(settings: &ProxySettings) -> Result<Table> {
+fn compile(settings: &ProxySettings, metrics: &Registry) -> Result<Table> {
     let mut builder = Router::builder();
     for site in &settings.sites {
         let target = |handler: &Handler, strip_prefix: bool| -> Result<Arc<Target>> {
@@ -212,6 +278,8 @@ fn compile(settings: &ProxySettings) -> Result<Table> {
         .sites
         .iter()
         .map(|site| SiteInfo {
+            label: site_label(site),
+            metrics: metrics.site(&site_label(site)),
             tls: site.tls,
             https_redirect: site.https_redirect,
             hsts: site
@@ -227,7 +295,16 @@ fn compile(settings: &ProxySettings) -> Result<Table> {
         trusted: settings.trusted_proxies.clone(),
         https_port: settings.https_port,
         challenges: settings.challenges.clone(),
+        unknown: metrics.site("-"),
     })
+}
+
+/// A site's metrics label: its first host, lower case.
+fn site_label(site: &crate::settings::SiteSettings) -> String {
+    site.hosts.first().map_or_else(
+        || site.origin.clone(),
+        |h| h.trim_end_matches('.').to_ascii_lowercase(),
+    )
 }
 
 /// A connection that can be asked to finish its requests and close.

@@ -138,8 +138,12 @@ impl Pool {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// The pool's upstreams.
+    pub(crate) fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.upstreams
+    }
+
     /// Whether `upstream` is currently in service.
-    #[cfg(test)]
     pub(crate) fn is_healthy(&self, upstream: &Upstream) -> bool {
         upstream.down_until.load(Ordering::Relaxed) <= self.now_ms()
     }

@@ -351,6 +351,16 @@ impl<T> Router<T> {
         self.sites.get(index).map_or(&[], |s| &s.hosts)
     }
 
+    /// The targets of site `index` with their route prefixes (`""` for the default).
+    pub fn site_targets(&self, index: usize) -> impl Iterator<Item = (&str, &T)> {
+        self.sites.get(index).into_iter().flat_map(|site| {
+            site.default
+                .iter()
+                .map(|t| ("", t))
+                .chain(site.routes.iter().map(|(p, t)| (&**p, t)))
+        })
+    }
+
     /// Every target in the table, defaults and routes, with its site index.
     pub fn targets(&self) -> impl Iterator<Item = (usize, &T)> {
         self.sites.iter().enumerate().flat_map(|(index, site)| {
@@ -519,6 +529,17 @@ mod tests {
         );
         assert!(router.site_hosts(99).is_empty());
         assert_eq!(router.targets().count(), 8);
+        let site_a: Vec<(&str, &str)> = router.site_targets(0).map(|(p, t)| (p, *t)).collect();
+        assert_eq!(
+            site_a,
+            [
+                ("", "web"),
+                ("/api/v2", "api2"),
+                ("/static", "static"),
+                ("/api", "api")
+            ]
+        );
+        assert_eq!(router.site_targets(99).count(), 0);
         assert_eq!(router.site_for("foo.example.com"), Some(1));
     }
 }

@@ -196,6 +196,24 @@ impl CertResolver {
         }
     }
 
+    /// Every installed certificate with its name (`*.example.com` for wildcards), sorted.
+    pub fn entries(&self) -> Vec<(String, Arc<CertifiedKey>)> {
+        let index = self.index.load();
+        let mut out: Vec<(String, Arc<CertifiedKey>)> = index
+            .exact
+            .iter()
+            .map(|(n, k)| (n.clone(), Arc::clone(k)))
+            .chain(
+                index
+                    .wildcard
+                    .iter()
+                    .map(|(n, k)| (format!("*.{n}"), Arc::clone(k))),
+            )
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// The number of installed certificates.
     pub fn len(&self) -> usize {
         let index = self.index.load();
