@@ -16,6 +16,8 @@ use portunus_proxy::{
     Handler, LoadBalancing, ProxySettings, RouteSettings, SiteSettings, Timeouts,
 };
 use portunus_router::HostPattern;
+
+use crate::logging::{AccessLog, AccessTo};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use toml::Spanned;
@@ -163,6 +165,7 @@ pub struct Config {
     pub max_header_bytes: usize,
     pub h2_max_streams: u32,
     pub acme: Acme,
+    pub log: AccessLog,
     pub sites: Vec<Site>,
     pub docker: bool,
 }
@@ -299,6 +302,13 @@ struct RawRoute {
     respond: Option<String>,
     #[serde(default)]
     strip_prefix: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    access: Option<Spanned<String>>,
+    access_format: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -458,6 +468,7 @@ const KNOWN_TOP: &[&str] = &[
     "limits",
     "site",
     "docker",
+    "log",
 ];
 
 /// Validates a configuration's text; `path` is used for messages and relative paths.
@@ -579,6 +590,27 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         h2_max_streams = l.h2_max_streams.unwrap_or(h2_max_streams);
     }
 
+    let mut log = AccessLog::default();
+    if let Some(raw) = take("log").and_then(|v| c.value::<RawLog>(v)) {
+        if let Some(to) = &raw.access {
+            log.to = match to.get_ref().as_str() {
+                "off" | "" => AccessTo::Off,
+                "stdout" => AccessTo::Stdout,
+                path => AccessTo::File(c.base.join(path)),
+            };
+        }
+        if let Some(format) = &raw.access_format {
+            match format.get_ref().as_str() {
+                "combined" => log.json = false,
+                "json" => log.json = true,
+                other => c.error(
+                    format.span().start,
+                    format!("unknown access_format `{other}`: use combined or json"),
+                ),
+            }
+        }
+    }
+
     let docker = take("docker")
         .and_then(|v| c.value::<RawDocker>(v))
         .is_some();
@@ -630,6 +662,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         max_header_bytes,
         h2_max_streams,
         acme,
+        log,
         sites,
         docker,
     })

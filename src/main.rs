@@ -5,10 +5,10 @@ mod admin;
 mod certs;
 mod config;
 mod instance;
+mod logging;
 mod run;
 mod watch;
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -18,6 +18,9 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "portunus", version, about, disable_version_flag = false)]
 struct Cli {
+    /// How operational logs look (filter them with RUST_LOG, e.g. `info,portunus_acme=debug`).
+    #[arg(long, global = true, value_enum, default_value = "pretty")]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -100,13 +103,12 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            init_logging();
             let path = config.unwrap_or_else(|| PathBuf::from("portunus.toml"));
             let explicit = path != std::path::Path::new("portunus.toml") || path.exists();
             if explicit {
-                finish(run::run_file(path))
+                finish(run::run_file(path, cli.log_format))
             } else {
-                finish(run::run_embedded_default())
+                finish(run::run_embedded_default(cli.log_format))
             }
         }
         Command::Certs { command } => finish(match command {
@@ -114,7 +116,10 @@ fn main() -> ExitCode {
             CertsCommand::Renew { name, config } => certs::renew(&config, &name),
         }),
         Command::Proxy { from, to, internal } => {
-            init_logging();
+            let access = logging::AccessLog::default();
+            if let Err(e) = logging::init(cli.log_format, &access) {
+                return finish(Err(e));
+            }
             finish(run::one_site(&from, &to, internal).and_then(|c| run::run_config(c, None)))
         }
     }
@@ -128,16 +133,4 @@ fn finish(result: anyhow::Result<()>) -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-/// Operational logs to stderr, filtered by `RUST_LOG` (default `info`).
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
 }

@@ -11,12 +11,14 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::instance::Instance;
+use crate::logging::LogFormat;
 
 use crate::config::{self, Config, Listen, Site, Tls};
 
 /// `portunus run -c FILE`.
-pub fn run_file(path: PathBuf) -> anyhow::Result<()> {
+pub fn run_file(path: PathBuf, format: LogFormat) -> anyhow::Result<()> {
     let config = config::load(&path)?;
+    crate::logging::init(format, &config.log)?;
     run_config(config, Some(path))
 }
 
@@ -24,10 +26,11 @@ pub fn run_file(path: PathBuf) -> anyhow::Result<()> {
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
 
 /// `portunus run` without a configuration file.
-pub fn run_embedded_default() -> anyhow::Result<()> {
-    info!("no portunus.toml here: serving the embedded default (see config.example.toml)");
+pub fn run_embedded_default(format: LogFormat) -> anyhow::Result<()> {
     let config = config::parse(Path::new("(embedded default)"), EMBEDDED_DEFAULT)
         .context("the embedded default configuration is invalid")?;
+    crate::logging::init(format, &config.log)?;
+    info!("no portunus.toml here: serving the embedded default (see config.example.toml)");
     run_config(config, None)
 }
 
@@ -72,6 +75,7 @@ pub fn one_site(from: &str, to: &str, internal: bool) -> anyhow::Result<Config> 
         max_header_bytes: 64 * 1024,
         h2_max_streams: 128,
         acme: crate::config::Acme::default(),
+        log: crate::logging::AccessLog::default(),
         sites: vec![Site {
             settings: SiteSettings::new("--from", [host])
                 .upstreams([upstream])
