@@ -101,7 +101,7 @@ impl Admin {
     }
 
     fn status(&self) -> serde_json::Value {
-        let config = self.instance.config();
+        let config = self.instance.serving();
         let upstreams = self.instance.proxy.upstreams();
         let sites: Vec<serde_json::Value> = config
             .sites

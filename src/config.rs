@@ -93,6 +93,15 @@ impl Default for Listen {
     }
 }
 
+/// The `[docker]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DockerConfig {
+    pub endpoint: Option<String>,
+    pub network: Option<String>,
+    pub exposed_by_default: bool,
+    pub allowed_domains: Vec<String>,
+}
+
 /// The `[acme]` table (and the top-level `email`).
 #[derive(Debug, Clone)]
 pub struct Acme {
@@ -167,7 +176,7 @@ pub struct Config {
     pub acme: Acme,
     pub log: AccessLog,
     pub sites: Vec<Site>,
-    pub docker: bool,
+    pub docker: Option<DockerConfig>,
 }
 
 impl Config {
@@ -313,7 +322,6 @@ struct RawLog {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)]
 struct RawDocker {
     endpoint: Option<String>,
     network: Option<String>,
@@ -613,7 +621,21 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
 
     let docker = take("docker")
         .and_then(|v| c.value::<RawDocker>(v))
-        .is_some();
+        .map(|raw| {
+            let mut allowed = Vec::new();
+            for pattern in raw.allowed_domains.iter().flatten() {
+                match HostPattern::parse(pattern.get_ref()) {
+                    Ok(p) => allowed.push(p.to_string()),
+                    Err(e) => c.error(pattern.span().start, format!("invalid allowed domain: {e}")),
+                }
+            }
+            DockerConfig {
+                endpoint: raw.endpoint,
+                network: raw.network,
+                exposed_by_default: raw.exposed_by_default.unwrap_or(true),
+                allowed_domains: allowed,
+            }
+        });
 
     let mut sites = Vec::new();
     let mut seen_hosts: HashMap<HostPattern, usize> = HashMap::new();
@@ -642,7 +664,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             "a site uses TLS but [listen] has no `https` listener (add one, or set tls = \"off\" on the site)",
         );
     }
-    if sites.is_empty() && !docker && c.errors.is_empty() {
+    if sites.is_empty() && docker.is_none() && c.errors.is_empty() {
         c.error(
             0,
             "no site is configured: add a [[site]] (or a [docker] section)",
@@ -1000,6 +1022,14 @@ tls = "off"
                 ],
             ),
             ("", &["t.toml:1:1: no site is configured"]),
+            (
+                "[docker]\nallowed_domains = [\"bad domain\"]",
+                &["t.toml:2:20: invalid allowed domain"],
+            ),
+            (
+                "[docker]\nexposed_by_default = \"yes\"",
+                &["t.toml:2:22: invalid type"],
+            ),
         ];
         for (text, want) in cases {
             let got = errors(text);

@@ -8,12 +8,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use portunus_acme::AcmeManager;
-use portunus_proxy::Proxy;
+use portunus_docker::{DiscoveredSite, Discovery, DockerSettings, TlsMode};
+use portunus_proxy::{Handler, Proxy, RouteSettings, SiteSettings};
 use portunus_store::{CertKeeper, CertResolver, CertSource, FsStorage, LocalCa};
 use rustls::crypto::CryptoProvider;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::admin::Admin;
 use crate::config::{self, Config, Tls};
@@ -59,6 +60,7 @@ pub struct Instance {
     listeners: Mutex<HashMap<Kind, Running>>,
     reload_lock: tokio::sync::Mutex<()>,
     pub last_reload: Mutex<Option<ReloadStatus>>,
+    discovered: Mutex<Vec<DiscoveredSite>>,
 }
 
 impl std::fmt::Debug for Instance {
@@ -118,14 +120,20 @@ impl Instance {
             listeners: Mutex::new(HashMap::new()),
             reload_lock: tokio::sync::Mutex::new(()),
             last_reload: Mutex::new(None),
+            discovered: Mutex::new(Vec::new()),
         });
         instance.apply_certificates(&config).await?;
         Ok(instance)
     }
 
-    /// The configuration in service.
+    /// The configuration file in service.
     pub fn config(&self) -> Config {
         lock(&self.config).clone()
+    }
+
+    /// What is served: the configuration file's sites plus the discovered ones.
+    pub fn serving(&self) -> Config {
+        self.effective(&self.config())
     }
 
     /// The addresses listeners actually bound (port 0 resolved).
@@ -369,15 +377,16 @@ impl Instance {
             Err(e) => return Err(vec![e.to_string()]),
         };
         // Check the sites compile before touching anything.
-        Proxy::new(config.proxy_settings()).map_err(|e| vec![format!("{e:#}")])?;
-        self.apply_certificates(&config)
+        let effective = self.effective(&config);
+        Proxy::new(effective.proxy_settings()).map_err(|e| vec![format!("{e:#}")])?;
+        self.apply_certificates(&effective)
             .await
             .map_err(|e| vec![format!("{e:#}")])?;
-        self.apply_listeners(&config)
+        self.apply_listeners(&effective)
             .await
             .map_err(|e| vec![format!("{e:#}")])?;
         self.proxy
-            .update(&self.proxy_settings(&config))
+            .update(&self.proxy_settings(&effective))
             .map_err(|e| vec![format!("{e:#}")])?;
         *lock(&self.config) = config;
         Ok(())
@@ -394,8 +403,87 @@ impl Instance {
         if let Some((_, keeper)) = lock(&self.keeper).take() {
             keeper.abort();
         }
-        if self.config().docker {
-            warn!("[docker] was configured but container discovery is not part of this build yet");
+    }
+
+    /// The configuration file's sites plus the sites discovered from containers.
+    fn effective(&self, config: &Config) -> Config {
+        let discovered = lock(&self.discovered).clone();
+        let mut config = config.clone();
+        for d in discovered {
+            let origin = format!("container {}", d.containers.join(","));
+            let mut settings = SiteSettings::new(origin, [d.host.clone()]);
+            if !d.upstreams.is_empty() {
+                settings = settings.upstreams(d.upstreams.clone());
+            }
+            for (path, pool) in &d.routes {
+                settings = settings.route(RouteSettings::new(
+                    path.clone(),
+                    Handler::Upstreams(pool.clone()),
+                ));
+            }
+            let tls = match d.tls {
+                TlsMode::Acme => Tls::Acme,
+                TlsMode::Internal => Tls::Internal,
+                _ => Tls::Off,
+            };
+            let settings = settings.tls(tls != Tls::Off);
+            config.sites.push(config::Site { settings, tls });
         }
+        config
+    }
+
+    /// Puts the sites discovered from containers in service (certificates, then routes).
+    pub async fn apply_discovered(self: &Arc<Self>, sites: Vec<DiscoveredSite>) {
+        let _serial = self.reload_lock.lock().await;
+        *lock(&self.discovered) = sites;
+        let effective = self.effective(&self.config());
+        if let Err(e) = self.apply_certificates(&effective).await {
+            error!(error = %format!("{e:#}"), "discovered sites: certificates");
+        }
+        if let Err(e) = self.apply_listeners(&effective).await {
+            error!(error = %format!("{e:#}"), "discovered sites: listeners");
+        }
+        if let Err(e) = self.proxy.update(&self.proxy_settings(&effective)) {
+            error!(error = %format!("{e:#}"), "discovered sites refused");
+        }
+    }
+
+    /// Follows the Docker engine when `[docker]` is configured.
+    pub fn start_discovery(self: &Arc<Self>) {
+        let config = self.config();
+        let Some(docker) = config.docker.clone() else {
+            return;
+        };
+        let mut settings = DockerSettings::new(docker.exposed_by_default);
+        settings.endpoint = docker.endpoint.clone();
+        settings.rules.network = docker.network.clone();
+        settings.allowed_domains = docker.allowed_domains.clone();
+        settings.reserved_hosts = config
+            .sites
+            .iter()
+            .flat_map(|s| {
+                s.settings
+                    .hosts
+                    .iter()
+                    .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+            })
+            .collect();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(Discovery::new(settings).run(
+            move |sites| {
+                let _ = tx.send(sites);
+            },
+            shutdown.cancelled_owned(),
+        ));
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            while let Some(mut sites) = rx.recv().await {
+                while let Ok(newer) = rx.try_recv() {
+                    sites = newer;
+                }
+                this.apply_discovered(sites).await;
+            }
+        });
     }
 }

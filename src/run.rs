@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use portunus_proxy::{SiteSettings, Timeouts};
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::instance::Instance;
 use crate::logging::LogFormat;
@@ -82,16 +82,8 @@ pub fn one_site(from: &str, to: &str, internal: bool) -> anyhow::Result<Config> 
                 .tls(internal),
             tls: if internal { Tls::Internal } else { Tls::Off },
         }],
-        docker: false,
+        docker: None,
     })
-}
-
-/// Warns about what this build does not do yet.
-fn unsupported(config: &Config) -> anyhow::Result<()> {
-    if config.docker {
-        warn!("[docker] is configured but container discovery is not part of this build yet");
-    }
-    Ok(())
 }
 
 /// Creates the storage directory with mode 0700 if it is missing.
@@ -124,7 +116,6 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 
 /// Serves `config` until SIGTERM or SIGINT; reloads on SIGHUP and when `path` changes.
 pub fn run_config(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
-    unsupported(&config)?;
     ensure_storage(&config.storage)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -136,6 +127,7 @@ pub fn run_config(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
 async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let instance = Instance::new(config, path.clone()).await?;
     instance.start().await?;
+    instance.start_discovery();
     spawn_signal_handlers(Arc::clone(&instance))?;
     if let Some(path) = path {
         crate::watch::spawn(Arc::clone(&instance), path);

@@ -929,3 +929,160 @@ pub mod pebble {
         }
     }
 }
+
+/// The real Docker engine for tests: a tiny image made with `docker import` from Debian's
+/// static busybox (no image is pulled), containers serving `busybox httpd`. Everything a test
+/// creates is removed when dropped.
+pub mod docker {
+    use std::path::Path;
+    use std::process::Command;
+
+    /// Debian's `busybox-static`.
+    pub const BUSYBOX: &str = "/bin/busybox";
+
+    fn docker(args: &[&str]) -> Result<String, String> {
+        let out = Command::new("docker")
+            .args(args)
+            .output()
+            .map_err(|e| format!("docker: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            Err(format!(
+                "docker {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// Whether an engine answers and busybox is there; with `CI=true` their absence is a
+    /// test failure.
+    pub fn available() -> bool {
+        let engine = docker(&["info", "--format", "{{.ServerVersion}}"]);
+        let ok = engine.is_ok() && Path::new(BUSYBOX).exists();
+        if !ok {
+            let why = format!(
+                "Docker tests need a running engine and {BUSYBOX} (apt-get install busybox-static): {:?}",
+                engine.err()
+            );
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+            eprintln!("SKIPPED (loudly): {why}");
+        }
+        ok
+    }
+
+    /// A throwaway image, removed when dropped.
+    #[derive(Debug)]
+    pub struct Image {
+        /// Its tag.
+        pub tag: String,
+    }
+
+    impl Image {
+        /// Builds the image from busybox-static.
+        pub fn build(tag_hint: &str) -> Result<Self, String> {
+            let dir = std::env::temp_dir()
+                .join(format!("portunus-img-{}-{tag_hint}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let bin = dir.join("bin");
+            std::fs::create_dir_all(&bin).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(dir.join("www")).map_err(|e| e.to_string())?;
+            std::fs::copy(BUSYBOX, bin.join("busybox")).map_err(|e| e.to_string())?;
+            for applet in ["sh", "mkdir", "echo", "httpd", "sleep", "cat"] {
+                std::os::unix::fs::symlink("busybox", bin.join(applet))
+                    .map_err(|e| e.to_string())?;
+            }
+            let tar = dir.with_extension("tar");
+            let status = Command::new("tar")
+                .arg("-C")
+                .arg(&dir)
+                .args(["-cf"])
+                .arg(&tar)
+                .arg(".")
+                .status()
+                .map_err(|e| e.to_string())?;
+            if !status.success() {
+                return Err("tar failed".to_owned());
+            }
+            let tag = format!("portunus-test-{tag_hint}:{}", std::process::id());
+            let tar_path = tar.display().to_string();
+            let result = docker(&[
+                "import",
+                "--change",
+                "CMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"80\", \"-h\", \"/www\"]",
+                &tar_path,
+                &tag,
+            ]);
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_file(&tar);
+            result.map(|_| Self { tag })
+        }
+
+        /// Runs a container answering `body` on port 80 (exposed), with labels and env.
+        pub fn run(
+            &self,
+            name: &str,
+            labels: &[(&str, &str)],
+            env: &[(&str, &str)],
+            body: &str,
+        ) -> Result<Container, String> {
+            let mut args: Vec<String> = vec![
+                "run".into(),
+                "-d".into(),
+                "--name".into(),
+                name.into(),
+                "--expose".into(),
+                "80".into(),
+            ];
+            for (k, v) in labels {
+                args.push("--label".into());
+                args.push(format!("{k}={v}"));
+            }
+            for (k, v) in env {
+                args.push("-e".into());
+                args.push(format!("{k}={v}"));
+            }
+            args.push(self.tag.clone());
+            args.extend(["/bin/sh".into(), "-c".into()]);
+            args.push(format!(
+                "echo '{body}' > /www/index.html && exec /bin/httpd -f -p 80 -h /www"
+            ));
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let _ = docker(&["rm", "-f", name]);
+            let id = docker(&refs)?;
+            Ok(Container {
+                id,
+                name: name.to_owned(),
+            })
+        }
+    }
+
+    impl Drop for Image {
+        fn drop(&mut self) {
+            let _ = docker(&["rmi", "-f", &self.tag]);
+        }
+    }
+
+    /// A running test container, removed when dropped.
+    #[derive(Debug)]
+    pub struct Container {
+        /// Its id.
+        pub id: String,
+        /// Its name.
+        pub name: String,
+    }
+
+    impl Container {
+        /// Stops it (it stays until dropped).
+        pub fn stop(&self) -> Result<(), String> {
+            docker(&["stop", "-t", "1", &self.id]).map(|_| ())
+        }
+    }
+
+    impl Drop for Container {
+        fn drop(&mut self) {
+            let _ = docker(&["rm", "-f", &self.id]);
+        }
+    }
+}
