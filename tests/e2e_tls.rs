@@ -288,3 +288,29 @@ fn unusable_storage_is_a_clear_error_at_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("storage"), "{stderr}");
 }
+
+#[tokio::test]
+async fn acme_ca_internal_serves_default_sites_from_the_local_ca() {
+    let up = EchoServer::start("up").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // No `tls` key: ACME by default, and `acme.ca = "internal"` makes that the local CA.
+    let p = start(
+        dir.path(),
+        "[acme]\nca = \"internal\"",
+        &format!(
+            "[[site]]\nhosts = [\"auto.test\"]\nupstreams = [\"{}\"]\n",
+            up.url()
+        ),
+    );
+    let root = std::fs::read_to_string(dir.path().join("storage/ca/root.pem")).unwrap();
+    let stream = connect(
+        p.addr("HTTPS").unwrap(),
+        Some("auto.test"),
+        trusting(&root, &[b"h2"]),
+    )
+    .await
+    .unwrap();
+    let (reply, _) = request_over(stream, "auto.test", "/").await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert!(!p.log().contains("ordering certificate"));
+}
