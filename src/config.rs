@@ -93,6 +93,30 @@ impl Default for Listen {
     }
 }
 
+/// The `[limits]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_body: u64,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub h2_max_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_body: 0,
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
+            h2_max_streams: 128,
+        }
+    }
+}
+
 /// The `[docker]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DockerConfig {
@@ -171,8 +195,7 @@ pub struct Config {
     pub listen: Listen,
     pub trusted_proxies: Vec<IpNet>,
     pub timeouts: Timeouts,
-    pub max_header_bytes: usize,
-    pub h2_max_streams: u32,
+    pub limits: Limits,
     pub acme: Acme,
     pub log: AccessLog,
     pub sites: Vec<Site>,
@@ -185,8 +208,14 @@ impl Config {
         let mut settings = ProxySettings::new()
             .timeouts(self.timeouts)
             .trusted_proxies(self.trusted_proxies.clone())
-            .max_header_bytes(self.max_header_bytes)
-            .h2_max_streams(self.h2_max_streams);
+            .max_header_bytes(self.limits.max_header_bytes)
+            .h2_max_streams(self.limits.h2_max_streams)
+            .max_headers(self.limits.max_headers)
+            .max_body(self.limits.max_body)
+            .max_connections(
+                self.limits.max_connections,
+                self.limits.max_connections_per_ip,
+            );
         if let Some(https) = self.listen.https {
             settings = settings.https_port(https.port());
         }
@@ -260,6 +289,7 @@ struct RawTimeouts {
     tls_handshake: Option<Spanned<String>>,
     header_read: Option<Spanned<String>>,
     body_read: Option<Spanned<String>>,
+    write: Option<Spanned<String>>,
     idle: Option<Spanned<String>>,
     shutdown: Option<Spanned<String>>,
 }
@@ -279,6 +309,7 @@ struct RawLimits {
     max_connections: Option<u32>,
     max_connections_per_ip: Option<u32>,
     h2_max_streams: Option<u32>,
+    max_headers: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -576,26 +607,28 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let defaults = Timeouts::default();
     let timeouts = match take("timeouts").and_then(|v| c.value::<RawTimeouts>(v)) {
         None => defaults,
-        Some(t) => {
-            let _ = c.duration(&t.body_read, Duration::from_secs(60));
-            Timeouts::default()
-                .tls_handshake(c.duration(&t.tls_handshake, defaults.tls_handshake))
-                .connect(c.duration(&t.connect, defaults.connect))
-                .response_header(c.duration(&t.response_header, defaults.response_header))
-                .header_read(c.duration(&t.header_read, defaults.header_read))
-                .idle(c.duration(&t.idle, defaults.idle))
-                .shutdown(c.duration(&t.shutdown, defaults.shutdown))
-        }
+        Some(t) => Timeouts::default()
+            .body_read(c.duration(&t.body_read, defaults.body_read))
+            .write(c.duration(&t.write, defaults.write))
+            .tls_handshake(c.duration(&t.tls_handshake, defaults.tls_handshake))
+            .connect(c.duration(&t.connect, defaults.connect))
+            .response_header(c.duration(&t.response_header, defaults.response_header))
+            .header_read(c.duration(&t.header_read, defaults.header_read))
+            .idle(c.duration(&t.idle, defaults.idle))
+            .shutdown(c.duration(&t.shutdown, defaults.shutdown)),
     };
 
-    let mut max_header_bytes = 64 * 1024;
-    let mut h2_max_streams = 128;
+    let mut limits = Limits::default();
     if let Some(l) = take("limits").and_then(|v| c.value::<RawLimits>(v)) {
-        max_header_bytes =
+        limits.max_header_bytes =
             usize::try_from(c.size(&l.max_header_bytes, 64 * 1024)).unwrap_or(usize::MAX);
-        let _ = c.size(&l.max_body, 0);
-        let _ = (l.max_connections, l.max_connections_per_ip);
-        h2_max_streams = l.h2_max_streams.unwrap_or(h2_max_streams);
+        limits.max_body = c.size(&l.max_body, 0);
+        let count = |v: Option<u32>, d: usize| v.map_or(d, |n| usize::try_from(n).unwrap_or(d));
+        limits.max_connections = count(l.max_connections, limits.max_connections);
+        limits.max_connections_per_ip =
+            count(l.max_connections_per_ip, limits.max_connections_per_ip);
+        limits.max_headers = count(l.max_headers, limits.max_headers);
+        limits.h2_max_streams = l.h2_max_streams.unwrap_or(limits.h2_max_streams);
     }
 
     let mut log = AccessLog::default();
@@ -681,8 +714,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         listen,
         trusted_proxies,
         timeouts,
-        max_header_bytes,
-        h2_max_streams,
+        limits,
         acme,
         log,
         sites,
@@ -833,13 +865,16 @@ fn check_site(
             "hsts must be a valid header value, e.g. \"max-age=31536000\"",
         );
     }
-    let _ = c.size(&raw.max_body, 0);
+    let site_max_body = raw.max_body.as_ref().map(|_| c.size(&raw.max_body, 0));
     let mut settings = SiteSettings::new(origin.clone(), hosts)
         .lb(lb)
         .tls(tls != Tls::Off)
         .https_redirect(raw.https_redirect.unwrap_or(true));
     if let Some(hsts) = &raw.hsts {
         settings = settings.hsts(hsts.get_ref().clone());
+    }
+    if let Some(max_body) = site_max_body {
+        settings = settings.max_body(max_body);
     }
     if let Some(h) = handler {
         settings = settings.handler(h);
@@ -1096,7 +1131,8 @@ strip_prefix = true
         .unwrap();
         assert_eq!(config.timeouts.connect, Duration::from_millis(500));
         assert_eq!(config.timeouts.idle, Duration::from_secs(300));
-        assert_eq!(config.max_header_bytes, 16 * 1024);
+        assert_eq!(config.limits.max_header_bytes, 16 * 1024);
+        assert_eq!(config.limits.max_body, 0);
         assert_eq!(config.trusted_proxies.len(), 2);
         assert_eq!(config.listen.http, Some("[::]:8080".parse().unwrap()));
         let site = &config.sites[0].settings;

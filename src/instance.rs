@@ -107,6 +107,7 @@ impl Instance {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let resolver = Arc::new(CertResolver::new());
         let proxy = Proxy::new(config.proxy_settings()).context("invalid sites")?;
+        proxy.set_resolver(Arc::clone(&resolver));
         let instance = Arc::new(Self {
             path,
             proxy,

@@ -72,8 +72,7 @@ pub fn one_site(from: &str, to: &str, internal: bool) -> anyhow::Result<Config> 
         },
         trusted_proxies: Vec::new(),
         timeouts: Timeouts::default(),
-        max_header_bytes: 64 * 1024,
-        h2_max_streams: 128,
+        limits: crate::config::Limits::default(),
         acme: crate::config::Acme::default(),
         log: crate::logging::AccessLog::default(),
         sites: vec![Site {

@@ -1,6 +1,7 @@
 //! The response body type: an upstream's streamed body or a small local answer, carrying the
 //! guards that count the request as in flight until the body is finished or dropped.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -98,5 +99,100 @@ impl Body for ProxyBody {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A client's request body on its way upstream: at most `limit` bytes (0 = unlimited),
+    /// and no gap longer than `gap` between two frames. Either breach ends the body with an
+    /// error, which aborts the upstream request; `exceeded` tells the handler to answer 413.
+    #[derive(Debug)]
+    pub(crate) struct LimitedBody {
+        #[pin]
+        inner: Incoming,
+        limit: u64,
+        seen: u64,
+        gap: std::time::Duration,
+        timer: Pin<Box<tokio::time::Sleep>>,
+        exceeded: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    }
+}
+
+/// [`LimitedBody`] cut the body: it was too large.
+pub(crate) const CUT_TOO_LARGE: u8 = 1;
+/// [`LimitedBody`] cut the body: the client stopped sending it.
+pub(crate) const CUT_STALLED: u8 = 2;
+
+/// Why a request body was cut off.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BodyError {
+    #[error("request body larger than {0} bytes")]
+    TooLarge(u64),
+    #[error("request body stalled for longer than {0:?}")]
+    Stalled(std::time::Duration),
+    #[error("request body")]
+    Client(#[source] hyper::Error),
+}
+
+impl LimitedBody {
+    pub(crate) fn new(
+        inner: Incoming,
+        limit: u64,
+        gap: std::time::Duration,
+        exceeded: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    ) -> Self {
+        Self {
+            inner,
+            limit,
+            seen: 0,
+            gap,
+            timer: Box::pin(tokio::time::sleep(gap)),
+            exceeded,
+        }
+    }
+}
+
+impl Body for LimitedBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.seen += data.len() as u64;
+                    if *this.limit > 0 && *this.seen > *this.limit {
+                        this.exceeded
+                            .store(CUT_TOO_LARGE, std::sync::atomic::Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(*this.limit))));
+                    }
+                }
+                let deadline = tokio::time::Instant::now() + *this.gap;
+                this.timer.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Client(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    this.exceeded
+                        .store(CUT_STALLED, std::sync::atomic::Ordering::Relaxed);
+                    Poll::Ready(Some(Err(BodyError::Stalled(*this.gap))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

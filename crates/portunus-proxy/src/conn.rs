@@ -7,6 +7,7 @@
 //! started arriving, and how many requests are in flight; a watchdog closes it when it has
 //! been idle for `idle`, or when a request head takes longer than `header_read`.
 
+use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -132,18 +133,47 @@ impl Drop for RequestGuard {
 }
 
 pin_project_lite::pin_project! {
-    /// An I/O stream that reports its traffic to an [`Activity`].
+    /// An I/O stream that reports its traffic to an [`Activity`], and fails a write that
+    /// cannot make progress for `write_timeout` (a client that stopped reading).
     #[derive(Debug)]
     pub(crate) struct TrackedIo<T> {
         #[pin]
         inner: T,
         activity: Arc<Activity>,
+        write_timeout: Duration,
+        stalled: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 }
 
 impl<T> TrackedIo<T> {
-    pub(crate) fn new(inner: T, activity: Arc<Activity>) -> Self {
-        Self { inner, activity }
+    pub(crate) fn new(inner: T, activity: Arc<Activity>, write_timeout: Duration) -> Self {
+        Self {
+            inner,
+            activity,
+            write_timeout,
+            stalled: None,
+        }
+    }
+}
+
+/// Tracks how long writes have been pending; an error once that exceeds the timeout.
+fn check_stall(
+    stalled: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    timeout: Duration,
+    pending: bool,
+    cx: &mut Context<'_>,
+) -> Option<io::Error> {
+    if !pending {
+        *stalled = None;
+        return None;
+    }
+    let timer = stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+    match timer.as_mut().poll(cx) {
+        Poll::Ready(()) => Some(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client stopped reading",
+        )),
+        Poll::Pending => None,
     }
 }
 
@@ -174,6 +204,9 @@ impl<T: AsyncWrite> AsyncWrite for TrackedIo<T> {
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             this.activity.on_traffic(false);
         }
+        if let Some(e) = check_stall(this.stalled, *this.write_timeout, polled.is_pending(), cx) {
+            return Poll::Ready(Err(e));
+        }
         polled
     }
 
@@ -187,6 +220,9 @@ impl<T: AsyncWrite> AsyncWrite for TrackedIo<T> {
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             this.activity.on_traffic(false);
         }
+        if let Some(e) = check_stall(this.stalled, *this.write_timeout, polled.is_pending(), cx) {
+            return Poll::Ready(Err(e));
+        }
         polled
     }
 
@@ -195,7 +231,12 @@ impl<T: AsyncWrite> AsyncWrite for TrackedIo<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        let this = self.project();
+        let polled = this.inner.poll_flush(cx);
+        if let Some(e) = check_stall(this.stalled, *this.write_timeout, polled.is_pending(), cx) {
+            return Poll::Ready(Err(e));
+        }
+        polled
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -66,6 +66,15 @@ pub enum RequestError {
     /// The request carries no usable host.
     #[error("the request has no valid Host header")]
     MissingHost,
+    /// The request body is larger than the site allows.
+    #[error("the request body is larger than {0} bytes")]
+    TooLarge(u64),
+    /// The client stopped sending its request body.
+    #[error("the request body stalled")]
+    BodyTimeout,
+    /// Over TLS, the `Host` is not covered by the connection's certificate.
+    #[error("this connection's certificate does not cover the requested host")]
+    Misdirected,
     /// The request path cannot be forwarded as it is.
     #[error("the request target is not valid")]
     InvalidTarget,
@@ -94,6 +103,9 @@ impl RequestError {
             | Self::NoRoute
             | Self::MissingHost
             | Self::InvalidTarget
+            | Self::TooLarge(_)
+            | Self::BodyTimeout
+            | Self::Misdirected
             | Self::Connect
             | Self::Upgrade(_) => Side::Downstream,
             Self::NoUpstream(_) | Self::Timeout | Self::UpstreamFailed(_) => Side::Upstream,
@@ -106,6 +118,9 @@ impl RequestError {
             Self::UnknownHost | Self::NoRoute => StatusCode::NOT_FOUND,
             Self::MissingHost | Self::InvalidTarget | Self::Upgrade(_) => StatusCode::BAD_REQUEST,
             Self::Connect => StatusCode::METHOD_NOT_ALLOWED,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             Self::NoUpstream(_) | Self::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::body::ProxyBody;
+use crate::body::{CUT_STALLED, CUT_TOO_LARGE, LimitedBody, ProxyBody};
 use crate::conn::Activity;
 use crate::error::RequestError;
 use crate::headers::{ClientInfo, has_token, is_trusted, remove_hop_by_hop, set_forwarded};
@@ -27,7 +27,7 @@ use crate::settings::Timeouts;
 use crate::upstream::{ActiveGuard, Pool, Upstream};
 
 /// The body type sent to upstreams: the client's streamed body, or nothing.
-pub(crate) type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+pub(crate) type UpstreamBody = Either<LimitedBody, Empty<Bytes>>;
 pub(crate) type UpstreamClient = Client<HttpConnector, UpstreamBody>;
 
 /// What a route does.
@@ -47,6 +47,8 @@ pub(crate) struct Target {
 /// Site-wide behaviour, indexed like the router's sites.
 #[derive(Debug)]
 pub(crate) struct SiteInfo {
+    /// The largest request body (0 = unlimited).
+    pub(crate) max_body: u64,
     /// The metrics label: the site's first host.
     pub(crate) label: String,
     pub(crate) metrics: Arc<SiteMetrics>,
@@ -79,6 +81,9 @@ pub(crate) struct ConnCtx {
     pub(crate) activity: Arc<Activity>,
     pub(crate) tracker: TaskTracker,
     pub(crate) force: CancellationToken,
+    /// The SNI of a TLS connection, once its handshake is done.
+    pub(crate) sni: std::sync::OnceLock<Option<String>>,
+    pub(crate) resolver: Option<Arc<portunus_store::CertResolver>>,
 }
 
 /// Handles one request end to end; never fails: errors become their HTTP answer.
@@ -251,6 +256,9 @@ async fn route(
     if !ctx.tls && challenge_token.is_none() && site.is_some_and(|s| s.tls && s.https_redirect) {
         return Ok(redirect_to_https(&host, req.uri(), table.https_port));
     }
+    if ctx.tls && !connection_covers(ctx, &host) {
+        return Err(RequestError::Misdirected);
+    }
     let hsts = site.filter(|_| ctx.tls).and_then(|s| s.hsts.clone());
     let mut response =
         forward_to_site(table, client, req, ctx, &host, site_index, websocket).await?;
@@ -261,6 +269,23 @@ async fn route(
             .or_insert(hsts);
     }
     Ok(response)
+}
+
+/// Whether the certificate of this TLS connection covers `host`: the host is the SNI, or
+/// resolves to the very certificate the SNI (or, without SNI, the default) resolved to.
+fn connection_covers(ctx: &ConnCtx, host: &str) -> bool {
+    let name = portunus_router::split_host_port(host).trim_end_matches('.');
+    let sni = ctx.sni.get().cloned().flatten();
+    if sni.as_deref().is_some_and(|s| s.eq_ignore_ascii_case(name)) {
+        return true;
+    }
+    let Some(resolver) = &ctx.resolver else {
+        return false;
+    };
+    match (resolver.lookup(sni.as_deref()), resolver.lookup(Some(name))) {
+        (Some(served), Some(wanted)) => Arc::ptr_eq(&served, &wanted),
+        _ => false,
+    }
 }
 
 /// A small `text/plain` answer.
@@ -321,6 +346,15 @@ async fn forward_to_site(
         Action::Forward(pool) => pool,
     };
 
+    let max_body = table.sites.get(site_index).map_or(0, |s| s.max_body);
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if max_body > 0 && declared.is_some_and(|n| n > max_body) {
+        return Err(RequestError::TooLarge(max_body));
+    }
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let path = parts.uri.path();
@@ -355,7 +389,13 @@ async fn forward_to_site(
     }
 
     let retry_allowed = is_idempotent(&parts.method) && body.is_end_stream() && !websocket;
-    let mut body = Some(body);
+    let exceeded = Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let mut body = Some(LimitedBody::new(
+        body,
+        max_body,
+        table.timeouts.body_read,
+        Arc::clone(&exceeded),
+    ));
     let mut tried = 0u64;
     let mut last_error = None;
     loop {
@@ -397,6 +437,11 @@ async fn forward_to_site(
         };
         if matches!(error, RequestError::NoUpstream(_)) {
             pool.mark_failed(upstream);
+        }
+        match exceeded.load(std::sync::atomic::Ordering::Relaxed) {
+            CUT_TOO_LARGE => return Err(RequestError::TooLarge(max_body)),
+            CUT_STALLED => return Err(RequestError::BodyTimeout),
+            _ => {}
         }
         debug!(upstream = %upstream.url, error = %error, cause = ?std::error::Error::source(&error), "upstream attempt failed");
         if !(retry_allowed && error.is_retryable()) {

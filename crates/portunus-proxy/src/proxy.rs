@@ -42,8 +42,14 @@ struct Shared {
     table: ArcSwap<Table>,
     client: UpstreamClient,
     max_header_bytes: usize,
+    max_headers: usize,
     h2_max_streams: u32,
     metrics: Registry,
+    max_connections: usize,
+    max_connections_per_ip: usize,
+    /// The certificates of the HTTPS listener, to refuse requests for hosts the
+    /// connection's certificate does not cover (421).
+    resolver: arc_swap::ArcSwapOption<portunus_store::CertResolver>,
 }
 
 impl Proxy {
@@ -67,7 +73,11 @@ impl Proxy {
                 client,
                 max_header_bytes: settings.max_header_bytes,
                 h2_max_streams: settings.h2_max_streams,
+                max_headers: settings.max_headers,
                 metrics,
+                max_connections: settings.max_connections,
+                max_connections_per_ip: settings.max_connections_per_ip,
+                resolver: arc_swap::ArcSwapOption::empty(),
             }),
         })
     }
@@ -79,6 +89,13 @@ impl Proxy {
         let table = compile(settings, &self.shared.metrics)?;
         self.shared.table.store(Arc::new(table));
         Ok(())
+    }
+
+    /// Tells the proxy which resolver its HTTPS listeners use, so a request whose `Host` the
+    /// connection's certificate does not cover is refused with 421 (no domain fronting).
+    /// Without it, HTTPS requests must name the host of their SNI.
+    pub fn set_resolver(&self, resolver: Arc<portunus_store::CertResolver>) {
+        self.shared.resolver.store(Some(resolver));
     }
 
     /// Every upstream of the current table with its passive health.
@@ -168,6 +185,10 @@ impl Proxy {
         let kind = if tls.is_some() { "HTTPS" } else { "HTTP" };
         info!(addr = %local, "listening for {kind}");
         let tracker = TaskTracker::new();
+        let limits = Arc::new(ConnLimits::new(
+            self.shared.max_connections,
+            self.shared.max_connections_per_ip,
+        ));
         let drain = CancellationToken::new();
         let force = CancellationToken::new();
         tokio::pin!(shutdown);
@@ -178,6 +199,11 @@ impl Proxy {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    let Some(slot) = limits.admit(peer.ip()) else {
+                        debug!(%peer, "connection limit reached: closed");
+                        drop(stream);
+                        continue;
+                    };
                     let conn = Connection {
                         shared: Arc::clone(&self.shared),
                         ctx: Arc::new(ConnCtx {
@@ -187,11 +213,20 @@ impl Proxy {
                             activity: Activity::new(true),
                             tracker: tracker.clone(),
                             force: force.clone(),
+                            sni: std::sync::OnceLock::new(),
+                            resolver: self.shared.resolver.load_full(),
                         }),
                         drain: drain.clone(),
                     };
                     let span = info_span!("conn", %peer);
-                    tracker.spawn(conn.serve(stream, tls.clone()).instrument(span));
+                    let tls = tls.clone();
+                    tracker.spawn(
+                        async move {
+                            let _slot = slot;
+                            conn.serve(stream, tls).await;
+                        }
+                        .instrument(span),
+                    );
                 }
                 Err(error) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -278,6 +313,7 @@ fn compile(settings: &ProxySettings, metrics: &Registry) -> Result<Table> {
         .sites
         .iter()
         .map(|site| SiteInfo {
+            max_body: site.max_body.unwrap_or(settings.max_body),
             label: site_label(site),
             metrics: metrics.site(&site_label(site)),
             tls: site.tls,
@@ -305,6 +341,66 @@ fn site_label(site: &crate::settings::SiteSettings) -> String {
         || site.origin.clone(),
         |h| h.trim_end_matches('.').to_ascii_lowercase(),
     )
+}
+
+/// Open connections of one listener, in all and per client address.
+#[derive(Debug)]
+struct ConnLimits {
+    total: usize,
+    per_ip: usize,
+    open: std::sync::Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>,
+}
+
+/// One admitted connection; released when dropped.
+#[derive(Debug)]
+struct Slot {
+    limits: Arc<ConnLimits>,
+    ip: std::net::IpAddr,
+}
+
+impl ConnLimits {
+    fn new(total: usize, per_ip: usize) -> Self {
+        Self {
+            total: total.max(1),
+            per_ip: per_ip.max(1),
+            open: std::sync::Mutex::new((0, std::collections::HashMap::new())),
+        }
+    }
+
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<Slot> {
+        let ip = ip.to_canonical();
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let from_ip = open.1.get(&ip).copied().unwrap_or(0);
+        if open.0 >= self.total || from_ip >= self.per_ip {
+            return None;
+        }
+        open.0 += 1;
+        open.1.insert(ip, from_ip + 1);
+        Some(Slot {
+            limits: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self
+            .limits
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        open.0 = open.0.saturating_sub(1);
+        if let Some(n) = open.1.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.1.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// A connection that can be asked to finish its requests and close.
@@ -349,7 +445,8 @@ struct Connection {
 impl Connection {
     async fn serve(self, stream: TcpStream, tls: Option<TlsAcceptor>) {
         let _ = stream.set_nodelay(true);
-        let io = TrackedIo::new(stream, Arc::clone(&self.ctx.activity));
+        let write_timeout = self.shared.table.load().timeouts.write;
+        let io = TrackedIo::new(stream, Arc::clone(&self.ctx.activity), write_timeout);
         let Some(acceptor) = tls else {
             return self.serve_http1(io).await;
         };
@@ -369,6 +466,13 @@ impl Connection {
                 return;
             }
         };
+        let _ = self.ctx.sni.set(
+            stream
+                .get_ref()
+                .1
+                .server_name()
+                .map(str::to_ascii_lowercase),
+        );
         match stream.get_ref().1.alpn_protocol() {
             Some(ACME_TLS_ALPN) => {
                 // tls-alpn-01 validation: the handshake was the answer.
@@ -414,6 +518,7 @@ impl Connection {
             .timer(TokioTimer::new())
             .header_read_timeout(None)
             .keep_alive(true)
+            .max_headers(self.shared.max_headers)
             .max_buf_size(self.shared.max_header_bytes.max(8192))
             .serve_connection(TokioIo::new(io), self.service())
             .with_upgrades();
@@ -427,6 +532,11 @@ impl Connection {
         let conn = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(self.shared.h2_max_streams)
+            .max_header_list_size(u32::try_from(self.shared.max_header_bytes).unwrap_or(u32::MAX))
+            // Rapid reset (CVE-2023-44487) and MadeYouReset (CVE-2025-8671): a client whose
+            // streams are reset faster than they complete gets GOAWAY.
+            .max_pending_accept_reset_streams(Some(20))
+            .max_local_error_reset_streams(Some(256))
             .serve_connection(TokioIo::new(io), self.service());
         drive(conn, &self.shared, &self.ctx, &self.drain).await;
     }

@@ -19,6 +19,10 @@ pub struct Timeouts {
     pub header_read: Duration,
     /// Completing a TLS handshake.
     pub tls_handshake: Duration,
+    /// The longest gap between two reads of a request body (slow POST).
+    pub body_read: Duration,
+    /// The longest a response write may wait for a client that stopped reading.
+    pub write: Duration,
     /// A keep-alive connection with no request in flight and no traffic is closed after this.
     pub idle: Duration,
     /// How long in-flight requests may run after shutdown begins.
@@ -32,6 +36,8 @@ impl Default for Timeouts {
             response_header: Duration::from_secs(60),
             header_read: Duration::from_secs(10),
             tls_handshake: Duration::from_secs(10),
+            body_read: Duration::from_secs(60),
+            write: Duration::from_secs(60),
             idle: Duration::from_secs(60),
             shutdown: Duration::from_secs(30),
         }
@@ -57,6 +63,16 @@ impl Timeouts {
     /// Sets the TLS handshake timeout.
     pub fn tls_handshake(mut self, d: Duration) -> Self {
         self.tls_handshake = d;
+        self
+    }
+    /// Sets the request body read timeout (gap between two reads).
+    pub fn body_read(mut self, d: Duration) -> Self {
+        self.body_read = d;
+        self
+    }
+    /// Sets the response write timeout.
+    pub fn write(mut self, d: Duration) -> Self {
+        self.write = d;
         self
     }
     /// Sets the keep-alive idle timeout.
@@ -146,6 +162,8 @@ pub struct SiteSettings {
     pub https_redirect: bool,
     /// A `Strict-Transport-Security` value added to HTTPS responses.
     pub hsts: Option<String>,
+    /// The largest request body, overriding [`ProxySettings::max_body`] (0 = unlimited).
+    pub max_body: Option<u64>,
 }
 
 impl SiteSettings {
@@ -164,7 +182,14 @@ impl SiteSettings {
             tls: false,
             https_redirect: true,
             hsts: None,
+            max_body: None,
         }
+    }
+
+    /// Limits request bodies of this site (0 = unlimited).
+    pub fn max_body(mut self, bytes: u64) -> Self {
+        self.max_body = Some(bytes);
+        self
     }
 
     /// Serves the site over HTTPS (plain-HTTP requests are redirected unless turned off).
@@ -235,6 +260,14 @@ pub struct ProxySettings {
     pub challenges: Option<Arc<Challenges>>,
     /// The most concurrent streams one HTTP/2 connection may open.
     pub h2_max_streams: u32,
+    /// The most header fields in one request head (more: 431).
+    pub max_headers: usize,
+    /// The largest request body (0 = unlimited; more: 413).
+    pub max_body: u64,
+    /// The most open client connections per listener.
+    pub max_connections: usize,
+    /// The most open client connections from one IP address per listener.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for ProxySettings {
@@ -248,6 +281,10 @@ impl Default for ProxySettings {
             https_port: 443,
             challenges: None,
             h2_max_streams: 128,
+            max_headers: 100,
+            max_body: 0,
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
         }
     }
 }
@@ -297,6 +334,25 @@ impl ProxySettings {
     /// Sets the HTTP/2 concurrent stream limit.
     pub fn h2_max_streams(mut self, n: u32) -> Self {
         self.h2_max_streams = n;
+        self
+    }
+
+    /// Sets the request header count limit.
+    pub fn max_headers(mut self, n: usize) -> Self {
+        self.max_headers = n;
+        self
+    }
+
+    /// Sets the request body limit (0 = unlimited).
+    pub fn max_body(mut self, bytes: u64) -> Self {
+        self.max_body = bytes;
+        self
+    }
+
+    /// Sets the connection limits per listener: in all, and from one IP address.
+    pub fn max_connections(mut self, total: usize, per_ip: usize) -> Self {
+        self.max_connections = total;
+        self.max_connections_per_ip = per_ip;
         self
     }
 

@@ -1,0 +1,242 @@
+//! Limits and hostile clients, over raw sockets against the proxy in process.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use portunus_proxy::{Proxy, ProxySettings, SiteSettings, Timeouts, server_config};
+use portunus_store::{CertResolver, LOCAL_LEAF_LIFETIME, LocalCa};
+use portunus_test_utils::EchoServer;
+use portunus_test_utils::tls::{connect, recording_config};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+async fn serve(settings: ProxySettings) -> (SocketAddr, CancellationToken) {
+    let proxy = Proxy::new(settings).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move { proxy.serve(listener, s.cancelled_owned()).await });
+    (addr, stop)
+}
+
+/// Sends raw bytes and returns what came back until the peer closed or 5 s passed.
+async fn exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status_of(reply: &str) -> u16 {
+    reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn oversized_heads_and_bodies_are_refused_before_the_upstream() {
+    let up = EchoServer::start("up").await.unwrap();
+    let (addr, _stop) = serve(
+        ProxySettings::new()
+            .site(
+                SiteSettings::new("s", ["a.test"])
+                    .upstreams([up.url()])
+                    .max_body(1000),
+            )
+            .max_header_bytes(8 * 1024)
+            .max_headers(20),
+    )
+    .await;
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: a.test\r\nX-Big: {}\r\n\r\n",
+        "x".repeat(20_000)
+    );
+    assert_eq!(status_of(&exchange(addr, big.as_bytes()).await), 431);
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: a.test\r\n");
+    for i in 0..40 {
+        many.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    assert_eq!(status_of(&exchange(addr, many.as_bytes()).await), 431);
+
+    let declared =
+        "POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n";
+    assert_eq!(status_of(&exchange(addr, declared.as_bytes()).await), 413);
+    assert!(
+        up.seen().is_empty(),
+        "a declared oversize body never reaches the upstream"
+    );
+
+    // Chunked, no length announced: cut when it passes the limit.
+    let mut chunked = String::from(
+        "POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+    );
+    for _ in 0..5 {
+        chunked.push_str(&format!("1f4\r\n{}\r\n", "y".repeat(500)));
+    }
+    chunked.push_str("0\r\n\r\n");
+    assert_eq!(status_of(&exchange(addr, chunked.as_bytes()).await), 413);
+
+    let fine = "POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 10\r\nConnection: close\r\n\r\n0123456789";
+    assert_eq!(status_of(&exchange(addr, fine.as_bytes()).await), 200);
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_times_out() {
+    let up = EchoServer::start("up").await.unwrap();
+    let (addr, _stop) = serve(
+        ProxySettings::new()
+            .site(SiteSettings::new("s", ["a.test"]).upstreams([up.url()]))
+            .timeouts(Timeouts::default().body_read(Duration::from_millis(300))),
+    )
+    .await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let reply = String::from_utf8_lossy(&out);
+    assert_eq!(status_of(&reply), 408, "{reply}");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped() {
+    let up = EchoServer::start("up").await.unwrap();
+    let (addr, _stop) = serve(
+        ProxySettings::new()
+            .site(SiteSettings::new("s", ["a.test"]).upstreams([up.url()]))
+            .timeouts(Timeouts::default().write(Duration::from_millis(300))),
+    )
+    .await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /bytes?n=200000000 HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    // Do not read: the socket buffers fill and the proxy's writes stall.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let read_all = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read_all)
+        .await
+        .unwrap();
+    assert!(
+        total < 200_000_000,
+        "the proxy gave up on the stalled client ({total} bytes)"
+    );
+}
+
+#[tokio::test]
+async fn connections_per_address_are_limited() {
+    let up = EchoServer::start("up").await.unwrap();
+    let (addr, _stop) = serve(
+        ProxySettings::new()
+            .site(SiteSettings::new("s", ["a.test"]).upstreams([up.url()]))
+            .max_connections(100, 2),
+    )
+    .await;
+    let _one = TcpStream::connect(addr).await.unwrap();
+    let _two = TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reply = exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        reply, "",
+        "a third connection from the same address is closed unanswered"
+    );
+    drop(_one);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reply = exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&reply), 200, "a slot is free again");
+}
+
+#[tokio::test]
+async fn hosts_outside_the_connections_certificate_get_421() {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let ca = LocalCa::generate().unwrap();
+    let resolver = Arc::new(CertResolver::new());
+    for name in ["a.test", "b.test", "*.w.test"] {
+        let key = ca
+            .issue(&[name.to_owned()], LOCAL_LEAF_LIFETIME)
+            .unwrap()
+            .certified_key(&provider, name)
+            .unwrap();
+        resolver.insert(name, key);
+    }
+    let up = EchoServer::start("up").await.unwrap();
+    let proxy = Proxy::new(
+        ProxySettings::new()
+            .site(
+                SiteSettings::new("a", ["a.test"])
+                    .upstreams([up.url()])
+                    .tls(true),
+            )
+            .site(
+                SiteSettings::new("b", ["b.test"])
+                    .upstreams([up.url()])
+                    .tls(true),
+            )
+            .site(
+                SiteSettings::new("w", ["*.w.test"])
+                    .upstreams([up.url()])
+                    .tls(true),
+            ),
+    )
+    .unwrap();
+    proxy.set_resolver(Arc::clone(&resolver));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = server_config(Arc::clone(&resolver), provider).unwrap();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move { proxy.serve_tls(listener, config, s.cancelled_owned()).await });
+
+    let ask = |sni: &'static str, host: &'static str| async move {
+        let (config, _) = recording_config(&[b"http/1.1"]);
+        let mut tls = connect(addr, Some(sni), config).await.unwrap();
+        tls.write_all(
+            format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = Vec::new();
+        let _ = tls.read_to_end(&mut out).await;
+        status_of(&String::from_utf8_lossy(&out))
+    };
+    assert_eq!(ask("a.test", "a.test").await, 200);
+    assert_eq!(
+        ask("a.test", "b.test").await,
+        421,
+        "no domain fronting between sites"
+    );
+    assert_eq!(
+        ask("x.w.test", "y.w.test").await,
+        200,
+        "one certificate covers both"
+    );
+    assert_eq!(ask("x.w.test", "a.test").await, 421);
+    stop.cancel();
+}
