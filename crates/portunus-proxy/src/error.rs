@@ -69,6 +69,9 @@ pub enum RequestError {
     /// The request body is larger than the site allows.
     #[error("the request body is larger than {0} bytes")]
     TooLarge(u64),
+    /// The path holds dot segments, NUL or backslashes.
+    #[error("paths with dot segments, NUL or backslashes are refused")]
+    UnsafePath,
     /// The client stopped sending its request body.
     #[error("the request body stalled")]
     BodyTimeout,
@@ -105,6 +108,7 @@ impl RequestError {
             | Self::InvalidTarget
             | Self::TooLarge(_)
             | Self::BodyTimeout
+            | Self::UnsafePath
             | Self::Misdirected
             | Self::Connect
             | Self::Upgrade(_) => Side::Downstream,
@@ -116,7 +120,9 @@ impl RequestError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::UnknownHost | Self::NoRoute => StatusCode::NOT_FOUND,
-            Self::MissingHost | Self::InvalidTarget | Self::Upgrade(_) => StatusCode::BAD_REQUEST,
+            Self::MissingHost | Self::InvalidTarget | Self::Upgrade(_) | Self::UnsafePath => {
+                StatusCode::BAD_REQUEST
+            }
             Self::Connect => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,

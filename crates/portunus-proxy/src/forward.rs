@@ -193,6 +193,12 @@ impl AccessFields {
 /// The answer for a request that could not be proxied.
 pub(crate) fn error_response(error: &RequestError) -> Response<ProxyBody> {
     let mut response = text_response(error.status(), Bytes::from(error.body()));
+    if error.status() == StatusCode::BAD_REQUEST {
+        // A malformed request may hide more bytes than it seems to: do not read on.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if matches!(error, RequestError::Connect) {
         response.headers_mut().insert(
             header::ALLOW,
@@ -203,14 +209,17 @@ pub(crate) fn error_response(error: &RequestError) -> Response<ProxyBody> {
 }
 
 /// The host a request is for: the URI's authority (HTTP/2, absolute form), else `Host`.
+/// A request with several `Host` headers has none (RFC 9112 §3.2: 400).
 fn request_host(req: &Request<Incoming>) -> Option<&str> {
     if let Some(authority) = req.uri().authority() {
         return Some(authority.as_str());
     }
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .filter(|h| !h.is_empty())
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next()?;
+    if hosts.next().is_some() {
+        return None;
+    }
+    host.to_str().ok().filter(|h| !h.is_empty())
 }
 
 async fn route(
@@ -238,6 +247,9 @@ async fn route(
             true
         }
     };
+    if unsafe_path(req.uri().path()) {
+        return Err(RequestError::UnsafePath);
+    }
     let challenge_token = req.uri().path().strip_prefix(ACME_CHALLENGE_PREFIX);
     if let (false, Some(token), Some(challenges)) = (ctx.tls, challenge_token, &table.challenges)
         && let Some(answer) = challenges.http01(token)
@@ -286,6 +298,20 @@ fn connection_covers(ctx: &ConnCtx, host: &str) -> bool {
         (Some(served), Some(wanted)) => Arc::ptr_eq(&served, &wanted),
         _ => false,
     }
+}
+
+/// Whether a path holds what routing and an upstream could read differently: dot segments
+/// (`/a/../b`, also percent-encoded), NUL, or backslashes. Such requests are refused rather
+/// than routed by one reading and served by another.
+fn unsafe_path(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%00") || path.contains('\\') || lower.contains("%5c") {
+        return true;
+    }
+    lower.split('/').any(|segment| {
+        let decoded = segment.replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    })
 }
 
 /// A small `text/plain` answer.
@@ -524,4 +550,37 @@ fn is_idempotent(method: &Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unsafe_path;
+
+    #[test]
+    fn unsafe_paths() {
+        for bad in [
+            "/a/../b",
+            "/..",
+            "/a/./b",
+            "/a/%2e%2e/b",
+            "/a/.%2E/b",
+            "/%2e/x",
+            "/a%00b",
+            "/a\\..\\b",
+            "/a%5c..%5cb",
+        ] {
+            assert!(unsafe_path(bad), "{bad}");
+        }
+        for ok in [
+            "/",
+            "/a/b",
+            "/a..b/c",
+            "/.well-known/acme-challenge/x",
+            "/a/b.txt",
+            "/a%2Fb",
+            "/..a",
+        ] {
+            assert!(!unsafe_path(ok), "{ok}");
+        }
+    }
 }

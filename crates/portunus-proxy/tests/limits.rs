@@ -240,3 +240,97 @@ async fn hosts_outside_the_connections_certificate_get_421() {
     assert_eq!(ask("x.w.test", "a.test").await, 421);
     stop.cancel();
 }
+
+/// An upstream that accepts and answers with `reply` (raw bytes), then closes.
+async fn raw_upstream(reply: &'static [u8]) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(reply).await;
+                // Dropped here: a reset or close mid-response.
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn upstream_faults_give_clean_errors_and_nothing_hangs() {
+    let truncated = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\npartial").await;
+    let garbage = raw_upstream(b"\x00\x01garbage that is not HTTP\r\n\r\n").await;
+    let (addr, _stop) = serve(
+        ProxySettings::new()
+            .site(SiteSettings::new("t", ["trunc.test"]).upstreams([truncated]))
+            .site(SiteSettings::new("g", ["garbage.test"]).upstreams([garbage]))
+            .site(
+                SiteSettings::new("n", ["nxdomain.test"])
+                    .upstreams(["http://no-such-host.invalid:80"]),
+            ),
+    )
+    .await;
+    // Reset mid-response: the client sees the head, then the connection ends early.
+    let reply = exchange(addr, b"GET / HTTP/1.1\r\nHost: trunc.test\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.len() < 1000, "the body was cut, not padded");
+    let reply = exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: garbage.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&reply), 502, "{reply}");
+    let reply = exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: nxdomain.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&reply), 502, "{reply}");
+}
+
+#[tokio::test]
+async fn smuggling_vectors_and_ambiguous_paths_never_reach_the_upstream_as_sent() {
+    let up = EchoServer::start("up").await.unwrap();
+    let (addr, _stop) =
+        serve(ProxySettings::new().site(SiteSettings::new("s", ["a.test"]).upstreams([up.url()])))
+            .await;
+    let refused: &[&[u8]] = &[
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5x\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost : a.test\r\n\r\n",
+        b"GET /a/../admin HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        b"GET /a/%2e%2e/admin HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        b"GET /a%00b HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
+    ];
+    for vector in refused {
+        let reply = exchange(addr, vector).await;
+        let status = status_of(&reply);
+        assert!(
+            (400..500).contains(&status) || reply.is_empty(),
+            "{:?}: {reply}",
+            String::from_utf8_lossy(vector)
+        );
+    }
+    assert!(up.seen().is_empty(), "{:?}", up.seen());
+
+    // Both Transfer-Encoding and Content-Length: chunked wins, the hidden request is not
+    // forwarded, and the client connection is closed after the response.
+    let body = "0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a.test\r\n\r\n";
+    let vector = format!(
+        "POST /first HTTP/1.1\r\nHost: a.test\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{body}",
+        body.len()
+    );
+    let reply = exchange(addr, vector.as_bytes()).await;
+    assert_eq!(reply.matches("HTTP/1.1 ").count(), 1, "{reply}");
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].uri, "/first");
+    assert!(seen.iter().all(|s| !s.uri.contains("smuggled")));
+    assert!(
+        !seen[0].headers.contains_key("content-length") || seen[0].headers["content-length"] == "0"
+    );
+}
