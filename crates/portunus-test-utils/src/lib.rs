@@ -408,20 +408,22 @@ fn parse_listening(line: &str) -> Option<(String, SocketAddr)> {
     Some((kind.to_owned(), addr.parse().ok()?))
 }
 
-/// Reads the resident set size of a process in bytes (Linux `/proc`).
-pub fn rss_bytes(pid: u32) -> Option<u64> {
+/// A `kB` field of `/proc/<pid>/status`, in bytes.
+fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
 
+/// Reads the resident set size of a process in bytes (Linux `/proc`).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    proc_status_kb(pid, "VmRSS:")
+}
+
 /// The high-water mark of a process's resident set size in bytes (Linux `/proc`).
 pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    proc_status_kb(pid, "VmHWM:")
 }
 
 #[cfg(test)]
