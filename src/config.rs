@@ -17,7 +17,6 @@ use portunus_proxy::{
 };
 use portunus_router::HostPattern;
 
-use crate::logging::{AccessLog, AccessTo};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use toml::Spanned;
@@ -91,6 +90,22 @@ impl Default for Listen {
             default_sni: None,
         }
     }
+}
+
+/// Where the access log goes and how it looks.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AccessLog {
+    pub to: AccessTo,
+    pub json: bool,
+}
+
+/// The access log's destination.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AccessTo {
+    #[default]
+    Off,
+    Stdout,
+    File(PathBuf),
 }
 
 /// The `[limits]` table.

@@ -2,7 +2,6 @@
 //! log (target `portunus::access`, combined or JSON) to stdout, a file, or nowhere.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
 use std::sync::Mutex;
 
 use tracing::field::{Field, Visit};
@@ -10,6 +9,8 @@ use tracing::{Event, Subscriber};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, filter};
+
+pub use crate::config::{AccessLog, AccessTo};
 
 /// The access log's target.
 pub const ACCESS_TARGET: &str = "portunus::access";
@@ -22,22 +23,6 @@ pub enum LogFormat {
     Pretty,
     /// One JSON object per line.
     Json,
-}
-
-/// Where the access log goes and how it looks.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct AccessLog {
-    pub to: AccessTo,
-    pub json: bool,
-}
-
-/// The access log's destination.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum AccessTo {
-    #[default]
-    Off,
-    Stdout,
-    File(PathBuf),
 }
 
 /// Installs the global subscriber. Called once, by the binary only.

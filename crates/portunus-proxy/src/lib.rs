@@ -51,3 +51,70 @@ pub use proxy::{Proxy, UpstreamStatus};
 pub use settings::{Handler, LoadBalancing, ProxySettings, RouteSettings, SiteSettings, Timeouts};
 pub use tls::{TlsError, server_config};
 pub use upstream::{UpstreamUrlError, check_upstream_url};
+
+/// Entry points for the fuzz targets in `fuzz/`: not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Runs hop-by-hop removal and `X-Forwarded-*` / `Forwarded` rewriting over headers made
+    /// from `data` (lines of `name: value`), for an untrusted and a trusted peer, and checks
+    /// the invariants: no hop-by-hop header or client copy survives for an untrusted peer.
+    pub fn forwarded(data: &[u8]) {
+        use http::header::{HeaderMap, HeaderName, HeaderValue};
+        let text = String::from_utf8_lossy(data);
+        let mut lines = text.lines();
+        let host = lines.next().unwrap_or("example.com").to_owned();
+        let mut headers = HeaderMap::new();
+        for line in lines {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name.trim().as_bytes()),
+                HeaderValue::from_str(value.trim()),
+            ) {
+                headers.append(name, value);
+            }
+        }
+        let nets: Vec<ipnet::IpNet> =
+            vec![ipnet::IpNet::from(std::net::IpAddr::from([10, 0, 0, 1]))];
+        for trusted in [false, true] {
+            let mut h = headers.clone();
+            crate::headers::remove_hop_by_hop(&mut h);
+            let peer = if trusted {
+                [10, 0, 0, 1]
+            } else {
+                [192, 0, 2, 1]
+            };
+            crate::headers::set_forwarded(
+                &mut h,
+                &crate::headers::ClientInfo {
+                    peer: std::net::IpAddr::from(peer),
+                    trusted,
+                    tls: trusted,
+                    host: &host,
+                    local_port: 443,
+                    trusted_nets: &nets,
+                },
+            );
+            for hop in [
+                "connection",
+                "keep-alive",
+                "te",
+                "transfer-encoding",
+                "upgrade",
+                "proxy-authorization",
+            ] {
+                assert!(!h.contains_key(hop), "{hop} survived");
+            }
+            if !trusted {
+                let xff = h.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+                assert_eq!(
+                    xff,
+                    Some("192.0.2.1"),
+                    "untrusted X-Forwarded-For must be replaced"
+                );
+                assert_eq!(h.get_all("x-real-ip").iter().count(), 1);
+            }
+        }
+    }
+}
