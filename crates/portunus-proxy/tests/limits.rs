@@ -334,3 +334,97 @@ async fn smuggling_vectors_and_ambiguous_paths_never_reach_the_upstream_as_sent(
         !seen[0].headers.contains_key("content-length") || seen[0].headers["content-length"] == "0"
     );
 }
+
+/// An HTTPS proxy for `a.test` in front of `upstream`.
+async fn tls_proxy(upstream: String) -> (SocketAddr, CancellationToken) {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let ca = LocalCa::generate().unwrap();
+    let resolver = Arc::new(CertResolver::new());
+    let key = ca
+        .issue(&["a.test".to_owned()], LOCAL_LEAF_LIFETIME)
+        .unwrap()
+        .certified_key(&provider, "a.test")
+        .unwrap();
+    resolver.insert("a.test", key);
+    let proxy = Proxy::new(
+        ProxySettings::new()
+            .site(SiteSettings::new("a", ["a.test"]).upstreams([upstream]).tls(true))
+            .timeouts(Timeouts::default().tls_handshake(Duration::from_millis(500))),
+    )
+    .unwrap();
+    proxy.set_resolver(Arc::clone(&resolver));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = server_config(resolver, provider).unwrap();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move { proxy.serve_tls(listener, config, s.cancelled_owned()).await });
+    (addr, stop)
+}
+
+async fn h2_client(
+    addr: SocketAddr,
+) -> (h2::client::SendRequest<bytes::Bytes>, tokio::task::JoinHandle<Result<(), h2::Error>>) {
+    let (config, _) = recording_config(&[b"h2"]);
+    let tls = connect(addr, Some("a.test"), config).await.unwrap();
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    (client, tokio::spawn(conn))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_gets_goaway_while_others_are_served() {
+    let up = EchoServer::start("up").await.unwrap();
+    let (addr, _stop) = tls_proxy(up.url()).await;
+    let (mut client, conn) = h2_client(addr).await;
+    let mut opened = 0;
+    for _ in 0..5000 {
+        let Ok(ready) = client.clone().ready().await else {
+            break;
+        };
+        client = ready;
+        let req = http::Request::get("https://a.test/slow?ms=2000").body(()).unwrap();
+        let Ok((_response, mut stream)) = client.send_request(req, false) else {
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+        opened += 1;
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    let error = ended.expect("the abusive connection is closed").unwrap().unwrap_err();
+    // GOAWAY (ENHANCE_YOUR_CALM), or the write that found the connection already closed.
+    assert!(
+        error.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || error.is_go_away() || error.is_io(),
+        "after {opened} resets: {error:?}"
+    );
+    assert!(opened < 5000, "the server must cut a client that only resets streams");
+    // Meanwhile another client is served.
+    let (client, _conn) = h2_client(addr).await;
+    let mut client = client.ready().await.unwrap();
+    let (response, _) = client
+        .send_request(http::Request::get("https://a.test/").body(()).unwrap(), true)
+        .unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn a_silent_tls_client_is_cut_at_the_handshake_timeout() {
+    let up = EchoServer::start("up").await.unwrap();
+    let (addr, _stop) = tls_proxy(up.url()).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // Say nothing: the 500 ms handshake timeout closes the connection.
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+}
+
+#[tokio::test]
+async fn absolute_form_targets_cannot_reach_unknown_hosts() {
+    let up = EchoServer::start("up").await.unwrap();
+    let (addr, _stop) = serve(ProxySettings::new().site(SiteSettings::new("s", ["a.test"]).upstreams([up.url()]))).await;
+    let reply = exchange(addr, b"GET http://169.254.169.254/latest HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status_of(&reply), 404, "{reply}");
+    let reply = exchange(addr, b"GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status_of(&reply), 200, "{reply}");
+    assert_eq!(up.seen().len(), 1);
+    assert_eq!(up.seen()[0].uri, "/x");
+}
