@@ -348,7 +348,11 @@ async fn tls_proxy(upstream: String) -> (SocketAddr, CancellationToken) {
     resolver.insert("a.test", key);
     let proxy = Proxy::new(
         ProxySettings::new()
-            .site(SiteSettings::new("a", ["a.test"]).upstreams([upstream]).tls(true))
+            .site(
+                SiteSettings::new("a", ["a.test"])
+                    .upstreams([upstream])
+                    .tls(true),
+            )
             .timeouts(Timeouts::default().tls_handshake(Duration::from_millis(500))),
     )
     .unwrap();
@@ -364,7 +368,10 @@ async fn tls_proxy(upstream: String) -> (SocketAddr, CancellationToken) {
 
 async fn h2_client(
     addr: SocketAddr,
-) -> (h2::client::SendRequest<bytes::Bytes>, tokio::task::JoinHandle<Result<(), h2::Error>>) {
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
     let (config, _) = recording_config(&[b"h2"]);
     let tls = connect(addr, Some("a.test"), config).await.unwrap();
     let (client, conn) = h2::client::handshake(tls).await.unwrap();
@@ -382,7 +389,9 @@ async fn rapid_reset_gets_goaway_while_others_are_served() {
             break;
         };
         client = ready;
-        let req = http::Request::get("https://a.test/slow?ms=2000").body(()).unwrap();
+        let req = http::Request::get("https://a.test/slow?ms=2000")
+            .body(())
+            .unwrap();
         let Ok((_response, mut stream)) = client.send_request(req, false) else {
             break;
         };
@@ -390,18 +399,29 @@ async fn rapid_reset_gets_goaway_while_others_are_served() {
         opened += 1;
     }
     let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
-    let error = ended.expect("the abusive connection is closed").unwrap().unwrap_err();
+    let error = ended
+        .expect("the abusive connection is closed")
+        .unwrap()
+        .unwrap_err();
     // GOAWAY (ENHANCE_YOUR_CALM), or the write that found the connection already closed.
     assert!(
-        error.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || error.is_go_away() || error.is_io(),
+        error.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
+            || error.is_go_away()
+            || error.is_io(),
         "after {opened} resets: {error:?}"
     );
-    assert!(opened < 5000, "the server must cut a client that only resets streams");
+    assert!(
+        opened < 5000,
+        "the server must cut a client that only resets streams"
+    );
     // Meanwhile another client is served.
     let (client, _conn) = h2_client(addr).await;
     let mut client = client.ready().await.unwrap();
     let (response, _) = client
-        .send_request(http::Request::get("https://a.test/").body(()).unwrap(), true)
+        .send_request(
+            http::Request::get("https://a.test/").body(()).unwrap(),
+            true,
+        )
         .unwrap();
     assert_eq!(response.await.unwrap().status(), 200);
 }
@@ -420,11 +440,104 @@ async fn a_silent_tls_client_is_cut_at_the_handshake_timeout() {
 #[tokio::test]
 async fn absolute_form_targets_cannot_reach_unknown_hosts() {
     let up = EchoServer::start("up").await.unwrap();
-    let (addr, _stop) = serve(ProxySettings::new().site(SiteSettings::new("s", ["a.test"]).upstreams([up.url()]))).await;
-    let reply = exchange(addr, b"GET http://169.254.169.254/latest HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n").await;
+    let (addr, _stop) =
+        serve(ProxySettings::new().site(SiteSettings::new("s", ["a.test"]).upstreams([up.url()])))
+            .await;
+    let reply = exchange(
+        addr,
+        b"GET http://169.254.169.254/latest HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert_eq!(status_of(&reply), 404, "{reply}");
-    let reply = exchange(addr, b"GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n").await;
+    let reply = exchange(
+        addr,
+        b"GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert_eq!(status_of(&reply), 200, "{reply}");
     assert_eq!(up.seen().len(), 1);
     assert_eq!(up.seen()[0].uri, "/x");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuation_flood_is_cut_off() {
+    let up = EchoServer::start("up").await.unwrap();
+    let (addr, _stop) = tls_proxy(up.url()).await;
+    let (config, _) = recording_config(&[b"h2"]);
+    let tls = connect(addr, Some("a.test"), config).await.unwrap();
+    let (mut reader, mut writer) = tokio::io::split(tls);
+    let frame = |kind: u8, flags: u8, payload: &[u8]| {
+        let len = payload.len() as u32;
+        let mut f = vec![
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            kind,
+            flags,
+            0,
+            0,
+            0,
+            1,
+        ];
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend([0, 0, 0, 4, 0, 0, 0, 0, 0]); // empty SETTINGS
+    // HEADERS without END_HEADERS: :method GET, :scheme https, :path /, :authority a.test.
+    let mut head = vec![0x82, 0x87, 0x84, 0x41, 6];
+    head.extend_from_slice(b"a.test");
+    start.extend(frame(0x1, 0x1, &head));
+    writer.write_all(&start).await.unwrap();
+    // Then CONTINUATION frames of literal headers, never ending.
+    let mut block = Vec::new();
+    for _ in 0..14 {
+        block.extend([0x00, 3]);
+        block.extend_from_slice(b"x-a");
+        block.extend([0x7f, 0xe9, 0x06]); // value length 1000: 127 + 873 as a varint
+        block.extend(std::iter::repeat_n(b'v', 1000));
+    }
+    let continuation = frame(0x9, 0x0, &block);
+    let writing = tokio::spawn(async move {
+        let mut sent = 0usize;
+        while sent < 32 * 1024 * 1024 {
+            if writer.write_all(&continuation).await.is_err() {
+                return (sent, true);
+            }
+            sent += continuation.len();
+        }
+        (sent, false)
+    });
+    // The server ends the connection (GOAWAY, then close) long before the flood ends.
+    let mut received = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection must be closed");
+    // Walk the frames the server sent: a GOAWAY (type 7) must be among them.
+    let (mut at, mut goaway) = (0, None);
+    while at + 9 <= received.len() {
+        let len = usize::from(received[at]) << 16
+            | usize::from(received[at + 1]) << 8
+            | usize::from(received[at + 2]);
+        if received[at + 3] == 0x7 && at + 9 + 8 <= received.len() {
+            let code = &received[at + 9 + 4..at + 9 + 8];
+            goaway = Some(u32::from_be_bytes([code[0], code[1], code[2], code[3]]));
+        }
+        at += 9 + len;
+    }
+    // ENHANCE_YOUR_CALM (11): the frames are well-formed; their size is what is refused.
+    assert_eq!(goaway, Some(11), "GOAWAY code");
+    let (sent, cut) = writing.await.unwrap();
+    assert!(
+        cut || sent < 32 * 1024 * 1024,
+        "sent {sent} bytes of headers"
+    );
 }
