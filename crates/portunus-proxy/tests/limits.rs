@@ -541,3 +541,136 @@ async fn a_continuation_flood_is_cut_off() {
         "sent {sent} bytes of headers"
     );
 }
+
+/// Floods a connection with `frame` without reading; returns whether the server bounded it:
+/// it closed the connection or stopped taking bytes before `budget` were written.
+async fn flood_is_bounded(addr: SocketAddr, frame: Vec<u8>, budget: usize) -> bool {
+    let (config, _) = recording_config(&[b"h2"]);
+    let tls = connect(addr, Some("a.test"), config).await.unwrap();
+    let (_reader, mut writer) = tokio::io::split(tls);
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend([0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    writer.write_all(&start).await.unwrap();
+    let batch: Vec<u8> = frame
+        .iter()
+        .copied()
+        .cycle()
+        .take(frame.len() * 1000)
+        .collect();
+    let flood = async {
+        let mut sent = 0;
+        while sent < budget {
+            if writer.write_all(&batch).await.is_err() {
+                return true;
+            }
+            sent += batch.len();
+        }
+        false
+    };
+    // Not finishing in time means the server stopped reading: bounded too.
+    tokio::time::timeout(Duration::from_secs(10), flood)
+        .await
+        .unwrap_or(true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_and_settings_floods_are_bounded_and_others_are_served() {
+    let up = EchoServer::start("up").await.unwrap();
+    let (addr, _stop) = tls_proxy(up.url()).await;
+    let ping = vec![0, 0, 8, 0x6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+    let settings = vec![0, 0, 6, 0x4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 100];
+    let budget = 200 * 1024 * 1024;
+    let (pings, settings) = tokio::join!(
+        flood_is_bounded(addr, ping, budget),
+        flood_is_bounded(addr, settings, budget)
+    );
+    assert!(pings, "a PING flood must be bounded");
+    assert!(settings, "a SETTINGS flood must be bounded");
+    let (client, _conn) = h2_client(addr).await;
+    let mut client = client.ready().await.unwrap();
+    let (response, _) = client
+        .send_request(
+            http::Request::get("https://a.test/").body(()).unwrap(),
+            true,
+        )
+        .unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn total_connections_are_limited() {
+    let up = EchoServer::start("up").await.unwrap();
+    let (addr, _stop) = serve(
+        ProxySettings::new()
+            .site(SiteSettings::new("s", ["a.test"]).upstreams([up.url()]))
+            .max_connections(2, 100),
+    )
+    .await;
+    let held = [
+        TcpStream::connect(addr).await.unwrap(),
+        TcpStream::connect(addr).await.unwrap(),
+    ];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reply = exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        reply, "",
+        "over the total, a connection is closed unanswered"
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reply = exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&reply), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_are_closed() {
+    let up = EchoServer::start("up").await.unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let ca = LocalCa::generate().unwrap();
+    let resolver = Arc::new(CertResolver::new());
+    let key = ca
+        .issue(&["a.test".to_owned()], LOCAL_LEAF_LIFETIME)
+        .unwrap()
+        .certified_key(&provider, "a.test")
+        .unwrap();
+    resolver.insert("a.test", key);
+    let proxy = Proxy::new(
+        ProxySettings::new()
+            .site(
+                SiteSettings::new("a", ["a.test"])
+                    .upstreams([up.url()])
+                    .tls(true),
+            )
+            .timeouts(Timeouts::default().idle(Duration::from_millis(500))),
+    )
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = server_config(resolver, provider).unwrap();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move { proxy.serve_tls(listener, config, s.cancelled_owned()).await });
+    let (client, conn) = h2_client(addr).await;
+    let mut client = client.ready().await.unwrap();
+    let (response, _) = client
+        .send_request(
+            http::Request::get("https://a.test/").body(()).unwrap(),
+            true,
+        )
+        .unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(
+        ended.is_ok(),
+        "an idle HTTP/2 connection is closed (GOAWAY)"
+    );
+    stop.cancel();
+}
