@@ -122,3 +122,138 @@ fn tokio_util_free_token() -> (
         let _ = rx.await;
     })
 }
+
+/// A store whose writes can be made to fail, as a read-only or full disk would.
+#[derive(Debug)]
+struct FlakyStorage {
+    inner: FsStorage,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl CertStorage for FlakyStorage {
+    async fn load(
+        &self,
+        ca: &str,
+        name: &str,
+    ) -> portunus_store::Result<Option<portunus_store::StoredCert>> {
+        self.inner.load(ca, name).await
+    }
+    async fn store(
+        &self,
+        ca: &str,
+        name: &str,
+        pair: &portunus_store::CertPair,
+    ) -> portunus_store::Result<()> {
+        if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(portunus_store::Error::Io {
+                path: std::path::PathBuf::from("/read-only"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::ReadOnlyFilesystem,
+                    "read-only file system",
+                ),
+            });
+        }
+        self.inner.store(ca, name, pair).await
+    }
+    async fn list(&self, ca: &str) -> portunus_store::Result<Vec<String>> {
+        self.inner.list(ca).await
+    }
+    async fn lock(
+        &self,
+        ca: &str,
+        name: &str,
+        timeout: Duration,
+    ) -> portunus_store::Result<portunus_store::NameLock> {
+        self.inner.lock(ca, name, timeout).await
+    }
+    async fn load_blob(
+        &self,
+        kind: portunus_store::BlobKind,
+        ca: &str,
+        key: &str,
+    ) -> portunus_store::Result<Option<Vec<u8>>> {
+        self.inner.load_blob(kind, ca, key).await
+    }
+    async fn store_blob(
+        &self,
+        kind: portunus_store::BlobKind,
+        ca: &str,
+        key: &str,
+        data: &[u8],
+    ) -> portunus_store::Result<()> {
+        self.inner.store_blob(kind, ca, key, data).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_certificate_write_keeps_the_old_certificate_and_shows_the_error() {
+    if !available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let http01 = free_port();
+    let pebble = Pebble::start(
+        &dir.path().join("pebble"),
+        &Options {
+            http01_port: http01,
+            tlsalpn01_port: free_port(),
+            eab: Vec::new(),
+        },
+    )
+    .unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let resolver = Arc::new(CertResolver::new());
+    let storage = Arc::new(FlakyStorage {
+        inner: FsStorage::open(dir.path().join("storage")).unwrap(),
+        fail: std::sync::atomic::AtomicBool::new(false),
+    });
+    let config = AcmeConfig::new(pebble.directory.clone())
+        .ca_root(pebble.tls_ca.clone())
+        .challenges(vec![ChallengeKind::Http01]);
+    let acme = AcmeManager::new(config, storage.clone(), Arc::clone(&resolver), provider).unwrap();
+    tokio::spawn(responder(
+        TcpListener::bind(("127.0.0.1", http01)).await.unwrap(),
+        Arc::clone(resolver.challenges()),
+    ));
+    acme.set_names(["ro.test"]);
+    let mut events = acme.subscribe();
+    let stop = tokio_util_free_token();
+    tokio::spawn(acme.clone().run(stop.1));
+    let first = match tokio::time::timeout(Duration::from_secs(30), events.recv())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        AcmeEvent::Issued { .. } => resolver.lookup(Some("ro.test")).unwrap(),
+        other => panic!("{other:?}"),
+    };
+
+    // The storage turns read-only: a renewal is ordered but cannot be written.
+    storage
+        .fail
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    acme.renew("ro.test").unwrap();
+    match tokio::time::timeout(Duration::from_secs(30), events.recv())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        AcmeEvent::Failed { error, .. } => assert!(error.contains("read-only"), "{error}"),
+        other => panic!("{other:?}"),
+    }
+    let still = resolver.lookup(Some("ro.test")).unwrap();
+    assert!(
+        Arc::ptr_eq(&first, &still),
+        "the old certificate stays in service"
+    );
+    let status = acme.status();
+    assert!(
+        status[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("read-only")),
+        "{status:?}"
+    );
+    let _ = stop.0.send(());
+}
