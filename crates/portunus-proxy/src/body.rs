@@ -115,6 +115,9 @@ pin_project_lite::pin_project! {
         gap: std::time::Duration,
         timer: Pin<Box<tokio::time::Sleep>>,
         exceeded: std::sync::Arc<std::sync::atomic::AtomicU8>,
+        // A frame read ahead (before the upstream was contacted), given out first.
+        first: Option<Frame<Bytes>>,
+        done: bool,
     }
 }
 
@@ -148,7 +151,23 @@ impl LimitedBody {
             gap,
             timer: Box::pin(tokio::time::sleep(gap)),
             exceeded,
+            first: None,
+            done: false,
         }
+    }
+
+    /// Reads the first frame before anything is forwarded, so a body that is broken from its
+    /// first byte (an invalid chunk size) is refused without contacting an upstream.
+    pub(crate) async fn read_ahead(&mut self) -> Result<(), BodyError> {
+        if self.inner.is_end_stream() {
+            return Ok(());
+        }
+        match std::future::poll_fn(|cx| Pin::new(&mut *self).poll_frame(cx)).await {
+            Some(Ok(frame)) => self.first = Some(frame),
+            Some(Err(e)) => return Err(e),
+            None => self.done = true,
+        }
+        Ok(())
     }
 }
 
@@ -161,6 +180,12 @@ impl Body for LimitedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.project();
+        if let Some(frame) = this.first.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if *this.done {
+            return Poll::Ready(None);
+        }
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -189,10 +214,21 @@ impl Body for LimitedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.first.is_none() && (self.done || self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let buffered = self
+            .first
+            .as_ref()
+            .and_then(|f| f.data_ref())
+            .map_or(0, |d| d.len() as u64);
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + buffered);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + buffered);
+        }
+        hint
     }
 }

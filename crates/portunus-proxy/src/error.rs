@@ -72,6 +72,12 @@ pub enum RequestError {
     /// The path holds dot segments, NUL or backslashes.
     #[error("paths with dot segments, NUL or backslashes are refused")]
     UnsafePath,
+    /// The request body could not be decoded (an invalid chunk, say).
+    #[error("the request body is malformed")]
+    BadBody,
+    /// A transfer coding other than `chunked`.
+    #[error("transfer coding `{0}` is not supported")]
+    UnknownCoding(String),
     /// The client stopped sending its request body.
     #[error("the request body stalled")]
     BodyTimeout,
@@ -109,6 +115,8 @@ impl RequestError {
             | Self::TooLarge(_)
             | Self::BodyTimeout
             | Self::UnsafePath
+            | Self::BadBody
+            | Self::UnknownCoding(_)
             | Self::Misdirected
             | Self::Connect
             | Self::Upgrade(_) => Side::Downstream,
@@ -120,9 +128,12 @@ impl RequestError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::UnknownHost | Self::NoRoute => StatusCode::NOT_FOUND,
-            Self::MissingHost | Self::InvalidTarget | Self::Upgrade(_) | Self::UnsafePath => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::MissingHost
+            | Self::InvalidTarget
+            | Self::Upgrade(_)
+            | Self::UnsafePath
+            | Self::BadBody => StatusCode::BAD_REQUEST,
+            Self::UnknownCoding(_) => StatusCode::NOT_IMPLEMENTED,
             Self::Connect => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::body::{CUT_STALLED, CUT_TOO_LARGE, LimitedBody, ProxyBody};
+use crate::body::{BodyError, CUT_STALLED, CUT_TOO_LARGE, LimitedBody, ProxyBody};
 use crate::conn::Activity;
 use crate::error::RequestError;
 use crate::headers::{ClientInfo, has_token, is_trusted, remove_hop_by_hop, set_forwarded};
@@ -193,7 +193,10 @@ impl AccessFields {
 /// The answer for a request that could not be proxied.
 pub(crate) fn error_response(error: &RequestError) -> Response<ProxyBody> {
     let mut response = text_response(error.status(), Bytes::from(error.body()));
-    if error.status() == StatusCode::BAD_REQUEST {
+    if matches!(
+        error.status(),
+        StatusCode::BAD_REQUEST | StatusCode::NOT_IMPLEMENTED
+    ) {
         // A malformed request may hide more bytes than it seems to: do not read on.
         response
             .headers_mut()
@@ -249,6 +252,17 @@ async fn route(
     };
     if unsafe_path(req.uri().path()) {
         return Err(RequestError::UnsafePath);
+    }
+    if let Some(coding) = req
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find(|c| !c.eq_ignore_ascii_case("chunked"))
+    {
+        return Err(RequestError::UnknownCoding(coding.to_owned()));
     }
     let challenge_token = req.uri().path().strip_prefix(ACME_CHALLENGE_PREFIX);
     if let (false, Some(token), Some(challenges)) = (ctx.tls, challenge_token, &table.challenges)
@@ -416,12 +430,20 @@ async fn forward_to_site(
 
     let retry_allowed = is_idempotent(&parts.method) && body.is_end_stream() && !websocket;
     let exceeded = Arc::new(std::sync::atomic::AtomicU8::new(0));
-    let mut body = Some(LimitedBody::new(
+    let mut limited = LimitedBody::new(
         body,
         max_body,
         table.timeouts.body_read,
         Arc::clone(&exceeded),
-    ));
+    );
+    if let Err(error) = limited.read_ahead().await {
+        return Err(match error {
+            BodyError::TooLarge(n) => RequestError::TooLarge(n),
+            BodyError::Stalled(_) => RequestError::BodyTimeout,
+            BodyError::Client(_) => RequestError::BadBody,
+        });
+    }
+    let mut body = Some(limited);
     let mut tried = 0u64;
     let mut last_error = None;
     loop {

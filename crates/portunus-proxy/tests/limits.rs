@@ -305,15 +305,24 @@ async fn smuggling_vectors_and_ambiguous_paths_never_reach_the_upstream_as_sent(
         b"GET /a/%2e%2e/admin HTTP/1.1\r\nHost: a.test\r\n\r\n",
         b"GET /a%00b HTTP/1.1\r\nHost: a.test\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"GET  / HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        b"GET / HTTP/1.1 extra\r\nHost: a.test\r\n\r\n",
+        b"GET / HTTP/9.9\r\nHost: a.test\r\n\r\n",
+        b"GET /\x00 HTTP/1.1\r\nHost: a.test\r\n\r\n",
     ];
     for vector in refused {
         let reply = exchange(addr, vector).await;
         let status = status_of(&reply);
+        let text = String::from_utf8_lossy(vector);
         assert!(
-            (400..500).contains(&status) || reply.is_empty(),
-            "{:?}: {reply}",
-            String::from_utf8_lossy(vector)
+            (400..506).contains(&status) || reply.is_empty(),
+            "{text:?}: {reply}"
         );
+        if text.contains("gzip") {
+            assert_eq!(status, 501, "an unknown transfer coding: {reply}");
+        }
     }
     assert!(up.seen().is_empty(), "{:?}", up.seen());
 
@@ -673,4 +682,22 @@ async fn idle_http2_connections_are_closed() {
         "an idle HTTP/2 connection is closed (GOAWAY)"
     );
     stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_concurrent_streams_are_capped() {
+    let up = EchoServer::start("up").await.unwrap();
+    let (addr, _stop) = tls_proxy(up.url()).await;
+    let (client, _conn) = h2_client(addr).await;
+    let client = client.ready().await.unwrap();
+    // The server's SETTINGS arrive with the first exchange; the default cap is 128.
+    let mut client = client;
+    let (response, _) = client
+        .send_request(
+            http::Request::get("https://a.test/").body(()).unwrap(),
+            true,
+        )
+        .unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
+    assert_eq!(client.current_max_send_streams(), 128);
 }
