@@ -38,15 +38,19 @@ async fn responder(listener: TcpListener, challenges: Arc<Challenges>) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn issues_for_dns_names_and_ip_addresses_with_events_and_status() {
-    if !available() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+/// A Pebble, and a manager on `storage` (made from the storage directory) whose http-01
+/// answers a responder on Pebble's http-01 port.
+async fn setup<S, F>(
+    dir: &std::path::Path,
+    storage: F,
+) -> (Pebble, Arc<S>, Arc<CertResolver>, AcmeManager)
+where
+    S: CertStorage + 'static,
+    F: FnOnce(FsStorage) -> S,
+{
     let http01 = free_port();
     let pebble = Pebble::start(
-        &dir.path().join("pebble"),
+        &dir.join("pebble"),
         &Options {
             http01_port: http01,
             tlsalpn01_port: free_port(),
@@ -56,7 +60,7 @@ async fn issues_for_dns_names_and_ip_addresses_with_events_and_status() {
     .unwrap();
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let resolver = Arc::new(CertResolver::new());
-    let storage = Arc::new(FsStorage::open(dir.path().join("storage")).unwrap());
+    let storage = Arc::new(storage(FsStorage::open(dir.join("storage")).unwrap()));
     let config = AcmeConfig::new(pebble.directory.clone())
         .ca_root(pebble.tls_ca.clone())
         .email("lib@example.test")
@@ -66,6 +70,16 @@ async fn issues_for_dns_names_and_ip_addresses_with_events_and_status() {
         TcpListener::bind(("127.0.0.1", http01)).await.unwrap(),
         Arc::clone(resolver.challenges()),
     ));
+    (pebble, storage, resolver, acme)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issues_for_dns_names_and_ip_addresses_with_events_and_status() {
+    if !available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pebble, storage, resolver, acme) = setup(dir.path(), |s| s).await;
     acme.set_names(["lib.test", "127.0.0.1"]);
     assert!(acme.load().await.is_empty());
     let mut events = acme.subscribe();
@@ -192,30 +206,11 @@ async fn a_failed_certificate_write_keeps_the_old_certificate_and_shows_the_erro
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let http01 = free_port();
-    let pebble = Pebble::start(
-        &dir.path().join("pebble"),
-        &Options {
-            http01_port: http01,
-            tlsalpn01_port: free_port(),
-            eab: Vec::new(),
-        },
-    )
-    .unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let resolver = Arc::new(CertResolver::new());
-    let storage = Arc::new(FlakyStorage {
-        inner: FsStorage::open(dir.path().join("storage")).unwrap(),
+    let (_pebble, storage, resolver, acme) = setup(dir.path(), |inner| FlakyStorage {
+        inner,
         fail: std::sync::atomic::AtomicBool::new(false),
-    });
-    let config = AcmeConfig::new(pebble.directory.clone())
-        .ca_root(pebble.tls_ca.clone())
-        .challenges(vec![ChallengeKind::Http01]);
-    let acme = AcmeManager::new(config, storage.clone(), Arc::clone(&resolver), provider).unwrap();
-    tokio::spawn(responder(
-        TcpListener::bind(("127.0.0.1", http01)).await.unwrap(),
-        Arc::clone(resolver.challenges()),
-    ));
+    })
+    .await;
     acme.set_names(["ro.test"]);
     let mut events = acme.subscribe();
     let stop = tokio_util_free_token();

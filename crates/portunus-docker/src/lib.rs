@@ -24,11 +24,12 @@
 //! web.name = "web-1".into();
 //! web.labels = HashMap::from([("portunus.host".into(), "app.example.com".into())]);
 //! web.exposed_ports = vec![8080];
-//! web.networks = vec![("bridge".into(), "172.17.0.2".parse().unwrap())];
+//! web.networks = vec![("bridge".into(), "172.17.0.2".parse()?)];
 //! web.healthy = true;
 //! let (found, problems) = sites(&[web], &DockerSettings::new(true));
 //! assert!(problems.is_empty());
 //! assert_eq!(found[0].upstreams, ["http://172.17.0.2:8080"]);
+//! # Ok::<(), std::net::AddrParseError>(())
 //! ```
 
 mod discovery;

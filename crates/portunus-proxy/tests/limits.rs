@@ -175,44 +175,20 @@ async fn connections_per_address_are_limited() {
 
 #[tokio::test]
 async fn hosts_outside_the_connections_certificate_get_421() {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let ca = LocalCa::generate().unwrap();
-    let resolver = Arc::new(CertResolver::new());
-    for name in ["a.test", "b.test", "*.w.test"] {
-        let key = ca
-            .issue(&[name.to_owned()], LOCAL_LEAF_LIFETIME)
-            .unwrap()
-            .certified_key(&provider, name)
-            .unwrap();
-        resolver.insert(name, key);
-    }
     let up = EchoServer::start("up").await.unwrap();
-    let proxy = Proxy::new(
+    let site = |origin: &str, host: &str| {
+        SiteSettings::new(origin, [host])
+            .upstreams([up.url()])
+            .tls(true)
+    };
+    let (addr, stop) = tls_serve(
+        &["a.test", "b.test", "*.w.test"],
         ProxySettings::new()
-            .site(
-                SiteSettings::new("a", ["a.test"])
-                    .upstreams([up.url()])
-                    .tls(true),
-            )
-            .site(
-                SiteSettings::new("b", ["b.test"])
-                    .upstreams([up.url()])
-                    .tls(true),
-            )
-            .site(
-                SiteSettings::new("w", ["*.w.test"])
-                    .upstreams([up.url()])
-                    .tls(true),
-            ),
+            .site(site("a", "a.test"))
+            .site(site("b", "b.test"))
+            .site(site("w", "*.w.test")),
     )
-    .unwrap();
-    proxy.set_resolver(Arc::clone(&resolver));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = server_config(Arc::clone(&resolver), provider).unwrap();
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    tokio::spawn(async move { proxy.serve_tls(listener, config, s.cancelled_owned()).await });
+    .await;
 
     let ask = |sni: &'static str, host: &'static str| async move {
         let (config, _) = recording_config(&[b"http/1.1"]);
@@ -344,27 +320,21 @@ async fn smuggling_vectors_and_ambiguous_paths_never_reach_the_upstream_as_sent(
     );
 }
 
-/// An HTTPS proxy for `a.test` in front of `upstream`.
-async fn tls_proxy(upstream: String) -> (SocketAddr, CancellationToken) {
+/// An HTTPS proxy with one local-CA certificate per name of `names` and every site of
+/// `settings` (sites must be TLS sites).
+async fn tls_serve(names: &[&str], settings: ProxySettings) -> (SocketAddr, CancellationToken) {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let ca = LocalCa::generate().unwrap();
     let resolver = Arc::new(CertResolver::new());
-    let key = ca
-        .issue(&["a.test".to_owned()], LOCAL_LEAF_LIFETIME)
-        .unwrap()
-        .certified_key(&provider, "a.test")
-        .unwrap();
-    resolver.insert("a.test", key);
-    let proxy = Proxy::new(
-        ProxySettings::new()
-            .site(
-                SiteSettings::new("a", ["a.test"])
-                    .upstreams([upstream])
-                    .tls(true),
-            )
-            .timeouts(Timeouts::default().tls_handshake(Duration::from_millis(500))),
-    )
-    .unwrap();
+    for name in names {
+        let key = ca
+            .issue(&[(*name).to_owned()], LOCAL_LEAF_LIFETIME)
+            .unwrap()
+            .certified_key(&provider, name)
+            .unwrap();
+        resolver.insert(name, key);
+    }
+    let proxy = Proxy::new(settings).unwrap();
     proxy.set_resolver(Arc::clone(&resolver));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -373,6 +343,27 @@ async fn tls_proxy(upstream: String) -> (SocketAddr, CancellationToken) {
     let s = stop.clone();
     tokio::spawn(async move { proxy.serve_tls(listener, config, s.cancelled_owned()).await });
     (addr, stop)
+}
+
+/// An HTTPS proxy for `a.test` in front of `upstream`, with `timeouts`.
+async fn tls_proxy_with(upstream: String, timeouts: Timeouts) -> (SocketAddr, CancellationToken) {
+    let site = SiteSettings::new("a", ["a.test"])
+        .upstreams([upstream])
+        .tls(true);
+    tls_serve(
+        &["a.test"],
+        ProxySettings::new().site(site).timeouts(timeouts),
+    )
+    .await
+}
+
+/// An HTTPS proxy for `a.test` in front of `upstream` (500 ms TLS handshake timeout).
+async fn tls_proxy(upstream: String) -> (SocketAddr, CancellationToken) {
+    tls_proxy_with(
+        upstream,
+        Timeouts::default().tls_handshake(Duration::from_millis(500)),
+    )
+    .await
 }
 
 async fn h2_client(
@@ -642,31 +633,11 @@ async fn total_connections_are_limited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_http2_connections_are_closed() {
     let up = EchoServer::start("up").await.unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let ca = LocalCa::generate().unwrap();
-    let resolver = Arc::new(CertResolver::new());
-    let key = ca
-        .issue(&["a.test".to_owned()], LOCAL_LEAF_LIFETIME)
-        .unwrap()
-        .certified_key(&provider, "a.test")
-        .unwrap();
-    resolver.insert("a.test", key);
-    let proxy = Proxy::new(
-        ProxySettings::new()
-            .site(
-                SiteSettings::new("a", ["a.test"])
-                    .upstreams([up.url()])
-                    .tls(true),
-            )
-            .timeouts(Timeouts::default().idle(Duration::from_millis(500))),
+    let (addr, stop) = tls_proxy_with(
+        up.url(),
+        Timeouts::default().idle(Duration::from_millis(500)),
     )
-    .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = server_config(resolver, provider).unwrap();
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    tokio::spawn(async move { proxy.serve_tls(listener, config, s.cancelled_owned()).await });
+    .await;
     let (client, conn) = h2_client(addr).await;
     let mut client = client.ready().await.unwrap();
     let (response, _) = client

@@ -25,9 +25,8 @@
 //!     )
 //!     .build()?;
 //!
-//! let hit = router.lookup("WWW.Example.com:8443", "/api/users").expect("routed");
-//! assert_eq!(*hit.target, "api");
-//! assert_eq!(hit.prefix, "/api");
+//! let hit = router.lookup("WWW.Example.com:8443", "/api/users");
+//! assert_eq!(hit.map(|m| (*m.target, m.prefix)), Some(("api", "/api")));
 //! assert!(router.lookup("example.com", "/apix").is_some_and(|m| *m.target == "web"));
 //! assert!(router.lookup("other.org", "/").is_none());
 //! # Ok::<(), portunus_router::BuildErrors>(())
