@@ -96,18 +96,21 @@ pub(crate) async fn handle(
     let guard = ctx.activity.begin_request();
     let started = std::time::Instant::now();
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let access = AccessFields::of(&req);
+    // Cheap: a `Uri` shares its bytes. Kept for error logs only.
+    let uri = req.uri().clone();
+    // The access log's fields are gathered only when something listens to them.
+    let access = tracing::enabled!(target: "portunus::access", tracing::Level::INFO)
+        .then(|| AccessFields::of(&req));
     let mut site = None;
     let response = match route(&table, client, req, ctx, &mut site).await {
         Ok(response) => response,
         Err(error) => {
             match error.side() {
                 crate::error::Side::Upstream => {
-                    warn!(peer = %ctx.peer, %method, %path, error = %error, cause = ?std::error::Error::source(&error), "upstream error")
+                    warn!(peer = %ctx.peer, %method, path = %uri.path(), error = %error, cause = ?std::error::Error::source(&error), "upstream error")
                 }
                 crate::error::Side::Downstream => {
-                    debug!(peer = %ctx.peer, %method, %path, error = %error, "request refused")
+                    debug!(peer = %ctx.peer, %method, path = %uri.path(), error = %error, "request refused")
                 }
             }
             error_response(&error)
@@ -117,12 +120,14 @@ pub(crate) async fn handle(
     let site = site.and_then(|i| table.sites.get(i));
     site.map_or(&table.unknown, |s| &s.metrics)
         .record(response.status().as_u16(), elapsed);
-    access.log(
-        ctx,
-        &response,
-        site.map_or("-", |s| s.label.as_str()),
-        elapsed,
-    );
+    if let Some(access) = access {
+        access.log(
+            ctx,
+            &response,
+            site.map_or("-", |s| s.label.as_str()),
+            elapsed,
+        );
+    }
     response.map(|body| body.with_request_guard(guard))
 }
 
