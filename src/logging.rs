@@ -27,20 +27,31 @@ pub enum LogFormat {
 
 /// Installs the global subscriber. Called once, by the binary only.
 pub fn init(format: LogFormat, access: &AccessLog) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // One global filter: RUST_LOG for everything, plus the access target on or off as
+    // configured. Being global, it gives tracing a maximum level, so disabled `debug!` and
+    // `trace!` calls (in our crates and in hyper, h2, ...) cost nothing on the hot path.
+    let access_directive = match access.to {
+        AccessTo::Off => "portunus::access=off",
+        _ => "portunus::access=info",
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive(
+            access_directive
+                .parse()
+                .map_err(|e| anyhow::anyhow!("access log filter: {e}"))?,
+        );
     let not_access = filter::filter_fn(|meta| meta.target() != ACCESS_TARGET);
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let ops = match format {
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_ansi(ansi)
-            .with_filter(filter)
             .with_filter(not_access)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_writer(std::io::stderr)
-            .with_filter(filter)
             .with_filter(not_access)
             .boxed(),
     };
@@ -59,6 +70,7 @@ pub fn init(format: LogFormat, access: &AccessLog) -> anyhow::Result<()> {
     let access_layer = access_layer
         .map(|l| l.with_filter(filter::filter_fn(|meta| meta.target() == ACCESS_TARGET)));
     tracing_subscriber::registry()
+        .with(filter)
         .with(ops)
         .with(access_layer)
         .try_init()

@@ -113,7 +113,8 @@ pin_project_lite::pin_project! {
         limit: u64,
         seen: u64,
         gap: std::time::Duration,
-        timer: Pin<Box<tokio::time::Sleep>>,
+        // Armed only when a read has to wait: most bodies never need it.
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
         exceeded: std::sync::Arc<std::sync::atomic::AtomicU8>,
         // A frame read ahead (before the upstream was contacted), given out first.
         first: Option<Frame<Bytes>>,
@@ -149,7 +150,7 @@ impl LimitedBody {
             limit,
             seen: 0,
             gap,
-            timer: Box::pin(tokio::time::sleep(gap)),
+            timer: None,
             exceeded,
             first: None,
             done: false,
@@ -196,13 +197,17 @@ impl Body for LimitedBody {
                         return Poll::Ready(Some(Err(BodyError::TooLarge(*this.limit))));
                     }
                 }
-                let deadline = tokio::time::Instant::now() + *this.gap;
-                this.timer.as_mut().reset(deadline);
+                *this.timer = None;
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Client(e)))),
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.timer.as_mut().poll(cx) {
+            Poll::Pending => match this
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(*this.gap)))
+                .as_mut()
+                .poll(cx)
+            {
                 Poll::Ready(()) => {
                     this.exceeded
                         .store(CUT_STALLED, std::sync::atomic::Ordering::Relaxed);

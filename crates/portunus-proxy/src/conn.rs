@@ -39,8 +39,6 @@ pub(crate) struct Activity {
     in_flight: AtomicUsize,
     /// Whether request heads are tracked (HTTP/1 only: HTTP/2 sends frames all the time).
     track_heads: AtomicBool,
-    /// Wakes the watchdog when a request head starts, so its deadline is computed anew.
-    head_notify: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -51,7 +49,6 @@ impl Activity {
             head_started: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             track_heads: AtomicBool::new(track_heads),
-            head_notify: tokio::sync::Notify::new(),
         })
     }
 
@@ -68,7 +65,6 @@ impl Activity {
             && self.head_started.load(Ordering::Relaxed) == 0
         {
             self.head_started.store(now + 1, Ordering::Relaxed);
-            self.head_notify.notify_one();
         }
     }
 
@@ -110,13 +106,15 @@ impl Activity {
             };
             if head != 0 && !busy {
                 wake = wake.min((head - 1).saturating_add(head_ms));
+            } else if !busy {
+                // A head may start while this sleeps: look again within `header_read`, so
+                // a slow head is cut between one and two `header_read` after its first byte.
+                // (Waking this task on every request head would cost more than it saves.)
+                wake = wake.min(now.saturating_add(head_ms));
             }
             // Never spin: wake at least a few milliseconds later.
             let wait = wake.saturating_sub(now).max(5);
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(wait)) => {}
-                () = self.head_notify.notified() => {}
-            }
+            tokio::time::sleep(Duration::from_millis(wait)).await;
         }
     }
 }
