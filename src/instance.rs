@@ -202,6 +202,7 @@ impl Instance {
         // ACME.
         let names = acme_names(config);
         let existing = lock(&self.acme).clone();
+        let existing_is_none = existing.is_none();
         let acme = match existing {
             Some(acme) => Some(acme),
             None if names.is_empty() => None,
@@ -213,7 +214,6 @@ impl Instance {
                     Arc::clone(&self.provider),
                 )
                 .context("ACME")?;
-                tokio::spawn(acme.clone().run(self.shutdown.clone().cancelled_owned()));
                 *lock(&self.acme) = Some(acme.clone());
                 Some(acme)
             }
@@ -222,6 +222,10 @@ impl Instance {
             acme.set_names(names);
             for error in acme.load().await {
                 error!(error = %error, cause = ?std::error::Error::source(&error), "stored certificate skipped");
+            }
+            // Started after the first load, so stored certificates are in service first.
+            if existing_is_none {
+                tokio::spawn(acme.run(self.shutdown.clone().cancelled_owned()));
             }
         }
         Ok(())

@@ -546,6 +546,14 @@ impl AcmeManager {
         let _lock = storage.lock(ca, name, Duration::from_secs(120)).await?;
         let current = self.lock_names().get(name).and_then(|s| s.cert.clone());
         let forced = self.lock_names().get(name).is_some_and(|s| s.forced);
+        // Put in service meanwhile (by `load`, or by another attempt) and not due: done.
+        let not_due = self
+            .lock_names()
+            .get(name)
+            .is_some_and(|s| s.cert.is_some() && s.next_renewal > unix(SystemTime::now()));
+        if !forced && not_due {
+            return Ok(());
+        }
         if !forced
             && let Ok(Some(stored)) = storage.load(ca, name).await
             && stored.info.covers(name)
