@@ -672,3 +672,72 @@ async fn http2_concurrent_streams_are_capped() {
     assert_eq!(response.await.unwrap().status(), 200);
     assert_eq!(client.current_max_send_streams(), 128);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_you_reset_gets_goaway() {
+    // CVE-2025-8671: the client makes the *server* reset streams (here with a WINDOW_UPDATE
+    // of zero on each open stream) faster than they complete.
+    let up = EchoServer::start("up").await.unwrap();
+    let (addr, _stop) = tls_proxy(up.url()).await;
+    let (config, _) = recording_config(&[b"h2"]);
+    let tls = connect(addr, Some("a.test"), config).await.unwrap();
+    let (mut reader, mut writer) = tokio::io::split(tls);
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend(stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    // HEADERS (END_HEADERS, stream stays open): POST /slow, :authority a.test.
+    let mut head = vec![0x83, 0x87, 0x04, 5];
+    head.extend_from_slice(b"/slow");
+    head.extend([0x41, 6]);
+    head.extend_from_slice(b"a.test");
+    for i in 0..2000u32 {
+        let stream = 1 + 2 * i;
+        out.extend(frame(0x1, 0x4, stream, &head));
+        out.extend(frame(0x8, 0, stream, &[0, 0, 0, 0])); // WINDOW_UPDATE 0: a stream error
+    }
+    let writing = tokio::spawn(async move {
+        let _ = writer.write_all(&out).await;
+        writer
+    });
+    let mut received = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = vec![0u8; 16384];
+        loop {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let _ = writing.await;
+    let (mut at, mut goaway, mut resets) = (0, None, 0);
+    while at + 9 <= received.len() {
+        let len = usize::from(received[at]) << 16
+            | usize::from(received[at + 1]) << 8
+            | usize::from(received[at + 2]);
+        match received[at + 3] {
+            0x3 => resets += 1,
+            0x7 if at + 9 + 8 <= received.len() => {
+                let code = &received[at + 9 + 4..at + 9 + 8];
+                goaway = Some(u32::from_be_bytes([code[0], code[1], code[2], code[3]]));
+            }
+            _ => {}
+        }
+        at += 9 + len;
+    }
+    // h2 ends the connection: PROTOCOL_ERROR for the first such frame, or ENHANCE_YOUR_CALM
+    // once the stream resets it caused pass the limit. Either way the client cannot make
+    // the server reset streams without end.
+    assert!(matches!(goaway, Some(1 | 11)), "GOAWAY code {goaway:?}");
+    assert!(
+        resets < 2000,
+        "{resets} server-side resets before the connection ended"
+    );
+}
