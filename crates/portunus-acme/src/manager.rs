@@ -408,7 +408,7 @@ impl AcmeManager {
             s.forced || s.cert.is_none() || s.next_renewal <= unix(SystemTime::now())
         });
         if !due {
-            self.finish(name);
+            self.finish(name, forced);
             return;
         }
         let result = self.obtain(name).await;
@@ -463,14 +463,15 @@ impl AcmeManager {
                 });
             }
         }
-        self.finish(name);
+        self.finish(name, forced);
     }
 
-    /// Ends an attempt; a forced renewal stays requested until one succeeds.
-    fn finish(&self, name: &str) {
+    /// Ends an attempt. A forced renewal stays requested until an attempt that was forced
+    /// succeeds; one requested while an unforced attempt ran is kept for the next attempt.
+    fn finish(&self, name: &str, was_forced: bool) {
         if let Some(state) = self.lock_names().get_mut(name) {
             state.running = false;
-            if state.persisted.failures == 0 {
+            if was_forced && state.persisted.failures == 0 {
                 state.forced = false;
             }
         }
