@@ -126,6 +126,8 @@ pin_project_lite::pin_project! {
 pub(crate) const CUT_TOO_LARGE: u8 = 1;
 /// [`LimitedBody`] cut the body: the client stopped sending it.
 pub(crate) const CUT_STALLED: u8 = 2;
+/// [`LimitedBody`] cut the body: it could not be decoded (an invalid chunk).
+pub(crate) const CUT_MALFORMED: u8 = 3;
 
 /// Why a request body was cut off.
 #[derive(Debug, thiserror::Error)]
@@ -200,7 +202,11 @@ impl Body for LimitedBody {
                 *this.timer = None;
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Client(e)))),
+            Poll::Ready(Some(Err(e))) => {
+                this.exceeded
+                    .store(CUT_MALFORMED, std::sync::atomic::Ordering::Relaxed);
+                Poll::Ready(Some(Err(BodyError::Client(e))))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => match this
                 .timer

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::body::{BodyError, CUT_STALLED, CUT_TOO_LARGE, LimitedBody, ProxyBody};
+use crate::body::{BodyError, CUT_MALFORMED, CUT_STALLED, CUT_TOO_LARGE, LimitedBody, ProxyBody};
 use crate::conn::Activity;
 use crate::error::RequestError;
 use crate::headers::{ClientInfo, has_token, is_trusted, remove_hop_by_hop, set_forwarded};
@@ -494,6 +494,7 @@ async fn forward_to_site(
         match exceeded.load(std::sync::atomic::Ordering::Relaxed) {
             CUT_TOO_LARGE => return Err(RequestError::TooLarge(max_body)),
             CUT_STALLED => return Err(RequestError::BodyTimeout),
+            CUT_MALFORMED => return Err(RequestError::BadBody),
             _ => {}
         }
         debug!(upstream = %upstream.url, error = %error, cause = ?std::error::Error::source(&error), "upstream attempt failed");

@@ -741,3 +741,32 @@ async fn made_you_reset_gets_goaway() {
         "{resets} server-side resets before the connection ended"
     );
 }
+
+#[tokio::test]
+async fn a_body_that_breaks_midway_aborts_the_upstream_request() {
+    let up = EchoServer::start("up").await.unwrap();
+    let (addr, _stop) =
+        serve(ProxySettings::new().site(SiteSettings::new("s", ["a.test"]).upstreams([up.url()])))
+            .await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(b"zz\r\nbroken\r\n0\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let reply = String::from_utf8_lossy(&out);
+    assert_eq!(status_of(&reply), 400, "{reply}");
+    assert!(
+        !reply.contains("body_len"),
+        "the upstream's answer to a broken body is not relayed"
+    );
+    // The upstream keeps working for the next client.
+    let ok = exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&ok), 200);
+}
