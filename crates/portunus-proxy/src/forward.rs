@@ -323,14 +323,36 @@ fn connection_covers(ctx: &ConnCtx, host: &str) -> bool {
 /// (`/a/../b`, also percent-encoded), NUL, or backslashes. Such requests are refused rather
 /// than routed by one reading and served by another.
 fn unsafe_path(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%00") || path.contains('\\') || lower.contains("%5c") {
-        return true;
+    let bytes = path.as_bytes();
+    let escape = |i: usize, hex: &[u8; 2]| {
+        bytes
+            .get(i + 1..i + 3)
+            .is_some_and(|h| h.eq_ignore_ascii_case(hex))
+    };
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'\\' || b == 0 || b == b'%' && (escape(i, b"00") || escape(i, b"5c")) {
+            return true;
+        }
     }
-    lower.split('/').any(|segment| {
-        let decoded = segment.replace("%2e", ".");
-        decoded == "." || decoded == ".."
-    })
+    path.split('/').any(is_dot_segment)
+}
+
+/// `.` or `..`, each dot possibly written `%2e` (any case). No allocation: this runs for
+/// every request.
+fn is_dot_segment(segment: &str) -> bool {
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            rest = &rest[1..];
+        } else if rest.len() >= 3 && rest[0] == b'%' && rest[1..3].eq_ignore_ascii_case(b"2e") {
+            rest = &rest[3..];
+        } else {
+            return false;
+        }
+        dots += 1;
+    }
+    dots == 1 || dots == 2
 }
 
 /// A small `text/plain` answer.
@@ -433,7 +455,11 @@ async fn forward_to_site(
         headers.insert(header::UPGRADE, upgrade);
     }
 
-    let retry_allowed = is_idempotent(&parts.method) && body.is_end_stream() && !websocket;
+    // A retry needs the headers again: copy them only when another upstream could take it.
+    let retry_allowed = is_idempotent(&parts.method)
+        && body.is_end_stream()
+        && !websocket
+        && pool.upstreams().len() > 1;
     let exceeded = Arc::new(std::sync::atomic::AtomicU8::new(0));
     let mut limited = LimitedBody::new(
         body,
