@@ -13,8 +13,14 @@
 //!   `X-Forwarded-*`, `X-Real-IP` and `Forwarded` set (client copies believed only from
 //!   trusted proxies), `Proxy-Authorization` never forwarded;
 //! - tunnel `Upgrade: websocket` and refuse every other upgrade and `CONNECT`;
-//! - enforce connect, response-head, request-head, TLS-handshake and idle timeouts, and drain
-//!   gracefully.
+//! - enforce connect, response-head, request-head, body-read, write, TLS-handshake and idle
+//!   timeouts; limits on head size and header count (431), body size (413) and connections
+//!   (in all and per client address); HTTP/2 stream and reset limits; refuse ambiguous
+//!   requests (several `Host`s, dot segments, unknown transfer codings) and, over TLS, hosts
+//!   the connection's certificate does not cover (421);
+//! - count requests per site and status class, latency and upstream health
+//!   ([`Proxy::metrics_text`]), and emit one event per request on target `portunus::access`;
+//! - drain gracefully.
 //!
 //! This crate does not read configuration files, obtain certificates, install a crypto
 //! provider or a tracing subscriber, spawn tasks on construction, or know anything about ACME:
