@@ -415,15 +415,7 @@ async fn rapid_reset_gets_goaway_while_others_are_served() {
         "the server must cut a client that only resets streams"
     );
     // Meanwhile another client is served.
-    let (client, _conn) = h2_client(addr).await;
-    let mut client = client.ready().await.unwrap();
-    let (response, _) = client
-        .send_request(
-            http::Request::get("https://a.test/").body(()).unwrap(),
-            true,
-        )
-        .unwrap();
-    assert_eq!(response.await.unwrap().status(), 200);
+    h2_get_ok(addr).await;
 }
 
 #[tokio::test]
@@ -465,29 +457,12 @@ async fn a_continuation_flood_is_cut_off() {
     let (addr, _stop) = tls_proxy(up.url()).await;
     let (config, _) = recording_config(&[b"h2"]);
     let tls = connect(addr, Some("a.test"), config).await.unwrap();
-    let (mut reader, mut writer) = tokio::io::split(tls);
-    let frame = |kind: u8, flags: u8, payload: &[u8]| {
-        let len = payload.len() as u32;
-        let mut f = vec![
-            (len >> 16) as u8,
-            (len >> 8) as u8,
-            len as u8,
-            kind,
-            flags,
-            0,
-            0,
-            0,
-            1,
-        ];
-        f.extend_from_slice(payload);
-        f
-    };
-    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    start.extend([0, 0, 0, 4, 0, 0, 0, 0, 0]); // empty SETTINGS
+    let (reader, mut writer) = tokio::io::split(tls);
+    let mut start = h2_preface();
     // HEADERS without END_HEADERS: :method GET, :scheme https, :path /, :authority a.test.
     let mut head = vec![0x82, 0x87, 0x84, 0x41, 6];
     head.extend_from_slice(b"a.test");
-    start.extend(frame(0x1, 0x1, &head));
+    start.extend(h2_frame(0x1, 0x1, 1, &head));
     writer.write_all(&start).await.unwrap();
     // Then CONTINUATION frames of literal headers, never ending.
     let mut block = Vec::new();
@@ -497,7 +472,7 @@ async fn a_continuation_flood_is_cut_off() {
         block.extend([0x7f, 0xe9, 0x06]); // value length 1000: 127 + 873 as a varint
         block.extend(std::iter::repeat_n(b'v', 1000));
     }
-    let continuation = frame(0x9, 0x0, &block);
+    let continuation = h2_frame(0x9, 0x0, 1, &block);
     let writing = tokio::spawn(async move {
         let mut sent = 0usize;
         while sent < 32 * 1024 * 1024 {
@@ -509,32 +484,10 @@ async fn a_continuation_flood_is_cut_off() {
         (sent, false)
     });
     // The server ends the connection (GOAWAY, then close) long before the flood ends.
-    let mut received = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(20), async {
-        let mut buf = vec![0u8; 4096];
-        loop {
-            match reader.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => received.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the connection must be closed");
-    // Walk the frames the server sent: a GOAWAY (type 7) must be among them.
-    let (mut at, mut goaway) = (0, None);
-    while at + 9 <= received.len() {
-        let len = usize::from(received[at]) << 16
-            | usize::from(received[at + 1]) << 8
-            | usize::from(received[at + 2]);
-        if received[at + 3] == 0x7 && at + 9 + 8 <= received.len() {
-            let code = &received[at + 9 + 4..at + 9 + 8];
-            goaway = Some(u32::from_be_bytes([code[0], code[1], code[2], code[3]]));
-        }
-        at += 9 + len;
-    }
+    let (received, closed) = read_until_closed(reader).await;
+    assert!(closed, "the connection must be closed");
     // ENHANCE_YOUR_CALM (11): the frames are well-formed; their size is what is refused.
-    assert_eq!(goaway, Some(11), "GOAWAY code");
+    assert_eq!(goaway_and_resets(&received).0, Some(11), "GOAWAY code");
     let (sent, cut) = writing.await.unwrap();
     assert!(
         cut || sent < 32 * 1024 * 1024,
@@ -548,9 +501,7 @@ async fn flood_is_bounded(addr: SocketAddr, frame: Vec<u8>, budget: usize) -> bo
     let (config, _) = recording_config(&[b"h2"]);
     let tls = connect(addr, Some("a.test"), config).await.unwrap();
     let (_reader, mut writer) = tokio::io::split(tls);
-    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    start.extend([0, 0, 0, 4, 0, 0, 0, 0, 0]);
-    writer.write_all(&start).await.unwrap();
+    writer.write_all(&h2_preface()).await.unwrap();
     let batch: Vec<u8> = frame
         .iter()
         .copied()
@@ -586,15 +537,7 @@ async fn ping_and_settings_floods_are_bounded_and_others_are_served() {
     );
     assert!(pings, "a PING flood must be bounded");
     assert!(settings, "a SETTINGS flood must be bounded");
-    let (client, _conn) = h2_client(addr).await;
-    let mut client = client.ready().await.unwrap();
-    let (response, _) = client
-        .send_request(
-            http::Request::get("https://a.test/").body(()).unwrap(),
-            true,
-        )
-        .unwrap();
-    assert_eq!(response.await.unwrap().status(), 200);
+    h2_get_ok(addr).await;
 }
 
 #[tokio::test]
@@ -681,16 +624,8 @@ async fn made_you_reset_gets_goaway() {
     let (addr, _stop) = tls_proxy(up.url()).await;
     let (config, _) = recording_config(&[b"h2"]);
     let tls = connect(addr, Some("a.test"), config).await.unwrap();
-    let (mut reader, mut writer) = tokio::io::split(tls);
-    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
-        let len = payload.len() as u32;
-        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-        f.extend(stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    };
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend(frame(0x4, 0, 0, &[]));
+    let (reader, mut writer) = tokio::io::split(tls);
+    let mut out = h2_preface();
     // HEADERS (END_HEADERS, stream stays open): POST /slow, :authority a.test.
     let mut head = vec![0x83, 0x87, 0x04, 5];
     head.extend_from_slice(b"/slow");
@@ -698,40 +633,16 @@ async fn made_you_reset_gets_goaway() {
     head.extend_from_slice(b"a.test");
     for i in 0..2000u32 {
         let stream = 1 + 2 * i;
-        out.extend(frame(0x1, 0x4, stream, &head));
-        out.extend(frame(0x8, 0, stream, &[0, 0, 0, 0])); // WINDOW_UPDATE 0: a stream error
+        out.extend(h2_frame(0x1, 0x4, stream, &head));
+        out.extend(h2_frame(0x8, 0, stream, &[0, 0, 0, 0])); // WINDOW_UPDATE 0: a stream error
     }
     let writing = tokio::spawn(async move {
         let _ = writer.write_all(&out).await;
         writer
     });
-    let mut received = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut buf = vec![0u8; 16384];
-        loop {
-            match reader.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => received.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
+    let (received, _) = read_until_closed(reader).await;
     let _ = writing.await;
-    let (mut at, mut goaway, mut resets) = (0, None, 0);
-    while at + 9 <= received.len() {
-        let len = usize::from(received[at]) << 16
-            | usize::from(received[at + 1]) << 8
-            | usize::from(received[at + 2]);
-        match received[at + 3] {
-            0x3 => resets += 1,
-            0x7 if at + 9 + 8 <= received.len() => {
-                let code = &received[at + 9 + 4..at + 9 + 8];
-                goaway = Some(u32::from_be_bytes([code[0], code[1], code[2], code[3]]));
-            }
-            _ => {}
-        }
-        at += 9 + len;
-    }
+    let (goaway, resets) = goaway_and_resets(&received);
     // h2 ends the connection: PROTOCOL_ERROR for the first such frame, or ENHANCE_YOUR_CALM
     // once the stream resets it caused pass the limit. Either way the client cannot make
     // the server reset streams without end.
@@ -769,4 +680,70 @@ async fn a_body_that_breaks_midway_aborts_the_upstream_request() {
     )
     .await;
     assert_eq!(status_of(&ok), 200);
+}
+
+/// One HTTP/2 frame.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend(stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The client preface and an empty SETTINGS frame.
+fn h2_preface() -> Vec<u8> {
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[]));
+    out
+}
+
+/// Walks the frames a server sent: (last GOAWAY error code, RST_STREAM frames).
+fn goaway_and_resets(received: &[u8]) -> (Option<u32>, usize) {
+    let (mut at, mut goaway, mut resets) = (0, None, 0);
+    while at + 9 <= received.len() {
+        let len = usize::from(received[at]) << 16
+            | usize::from(received[at + 1]) << 8
+            | usize::from(received[at + 2]);
+        match received[at + 3] {
+            0x3 => resets += 1,
+            0x7 if at + 9 + 8 <= received.len() => {
+                let code = &received[at + 9 + 4..at + 9 + 8];
+                goaway = Some(u32::from_be_bytes([code[0], code[1], code[2], code[3]]));
+            }
+            _ => {}
+        }
+        at += 9 + len;
+    }
+    (goaway, resets)
+}
+
+/// Everything a server sends until it closes (or 20 s pass).
+async fn read_until_closed(mut reader: impl tokio::io::AsyncRead + Unpin) -> (Vec<u8>, bool) {
+    let mut received = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut buf = vec![0u8; 16384];
+        loop {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (received, closed)
+}
+
+/// A new HTTP/2 client gets 200 for `GET /`.
+async fn h2_get_ok(addr: SocketAddr) {
+    let (client, _conn) = h2_client(addr).await;
+    let mut client = client.ready().await.unwrap();
+    let (response, _) = client
+        .send_request(
+            http::Request::get("https://a.test/").body(()).unwrap(),
+            true,
+        )
+        .unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
 }
