@@ -314,3 +314,54 @@ async fn acme_ca_internal_serves_default_sites_from_the_local_ca() {
     assert_eq!(reply.status, 200);
     assert!(!p.log().contains("ordering certificate"));
 }
+
+/// `openssl s_client` once with `-sess_out`, once with `-sess_in`: whether it resumed.
+fn resumed(port: u16, version: &str, ca: &Path, dir: &Path) -> bool {
+    let session = dir.join(format!("session{version}"));
+    let run = |arg: &str| {
+        let mut child = std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                version,
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                "-servername",
+                "local.test",
+            ])
+            .arg("-CAfile")
+            .arg(ca)
+            .arg(arg)
+            .arg(&session)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl is needed: apt-get install openssl");
+        // Keep stdin open a moment: TLS 1.3 tickets arrive after the handshake.
+        std::thread::sleep(Duration::from_millis(500));
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let first = run("-sess_out");
+    assert!(first.contains("New,"), "{first}");
+    run("-sess_in").contains("Reused,")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_with_tls_1_2_and_1_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(
+        dir.path(),
+        "",
+        "[[site]]\nhosts = [\"local.test\"]\nrespond = \"hi\"\ntls = \"internal\"\n",
+    );
+    let port = p.addr("HTTPS").unwrap().port();
+    let ca = dir.path().join("storage/ca/root.pem");
+    for version in ["-tls1_2", "-tls1_3"] {
+        assert!(
+            resumed(port, version, &ca, dir.path()),
+            "{version} did not resume"
+        );
+    }
+}
