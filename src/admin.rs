@@ -19,7 +19,7 @@ use portunus_acme::AcmeManager;
 use portunus_store::parse_info;
 
 use crate::config::Tls;
-use crate::instance::Instance;
+use crate::instance::{Instance, lock};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -58,7 +58,7 @@ impl Admin {
     /// Every certificate in service: ACME state where ACME manages it, else what the
     /// certificate itself says.
     fn certificates(&self) -> Vec<serde_json::Value> {
-        let acme = lock_clone(&self.instance.acme);
+        let acme = lock(&self.instance.acme).clone();
         let managed = acme.as_ref().map(AcmeManager::status).unwrap_or_default();
         let mut out: Vec<serde_json::Value> = managed
             .iter()
@@ -107,12 +107,7 @@ impl Admin {
             .sites
             .iter()
             .map(|s| {
-                let label = s
-                    .settings
-                    .hosts
-                    .first()
-                    .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
-                    .unwrap_or_default();
+                let label = s.settings.label();
                 let health = |route: &str| -> Vec<serde_json::Value> {
                     upstreams
                         .iter()
@@ -138,7 +133,7 @@ impl Admin {
                 })
             })
             .collect();
-        let reload = lock_clone(&self.instance.last_reload);
+        let reload = lock(&self.instance.last_reload).clone();
         json!({
             "sites": sites,
             "certificates": self.certificates(),
@@ -161,7 +156,8 @@ impl Admin {
                 ));
             }
         }
-        let (ok, failed) = lock_clone(&self.instance.acme)
+        let (ok, failed) = lock(&self.instance.acme)
+            .clone()
             .map(|a| a.orders_total())
             .unwrap_or((0, 0));
         out.push_str("# HELP portunus_acme_orders_total ACME orders finished, by result.\n");
@@ -239,7 +235,7 @@ impl Admin {
             },
             (Method::POST, p) if p.starts_with("/certs/") && p.ends_with("/renew") => {
                 let name = &p["/certs/".len()..p.len() - "/renew".len()];
-                match lock_clone(&self.instance.acme).map(|a| a.renew(name)) {
+                match lock(&self.instance.acme).clone().map(|a| a.renew(name)) {
                     Some(Ok(())) => {
                         info!(sni = %name, "renewal requested through the admin API");
                         reply(StatusCode::ACCEPTED, json!({"renewing": name}))
@@ -299,12 +295,6 @@ impl Admin {
             });
         }
     }
-}
-
-fn lock_clone<T: Clone>(m: &std::sync::Mutex<T>) -> T {
-    m.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone()
 }
 
 fn metrics_reply(text: String) -> Response<Full<Bytes>> {

@@ -314,8 +314,8 @@ fn compile(settings: &ProxySettings, metrics: &Registry) -> Result<Table> {
         .iter()
         .map(|site| SiteInfo {
             max_body: site.max_body.unwrap_or(settings.max_body),
-            label: site_label(site),
-            metrics: metrics.site(&site_label(site)),
+            metrics: metrics.site(&site.label()),
+            label: site.label(),
             tls: site.tls,
             https_redirect: site.https_redirect,
             hsts: site
@@ -333,14 +333,6 @@ fn compile(settings: &ProxySettings, metrics: &Registry) -> Result<Table> {
         challenges: settings.challenges.clone(),
         unknown: metrics.site("-"),
     })
-}
-
-/// A site's metrics label: its first host, lower case.
-fn site_label(site: &crate::settings::SiteSettings) -> String {
-    site.hosts.first().map_or_else(
-        || site.origin.clone(),
-        |h| h.trim_end_matches('.').to_ascii_lowercase(),
-    )
 }
 
 /// Open connections of one listener, in all and per client address.

@@ -192,6 +192,15 @@ impl SiteSettings {
         self
     }
 
+    /// The site's label in metrics and [`UpstreamStatus`](crate::UpstreamStatus): its first
+    /// host, lower case, without a trailing dot (the origin for a site without hosts).
+    pub fn label(&self) -> String {
+        self.hosts.first().map_or_else(
+            || self.origin.clone(),
+            |h| h.trim_end_matches('.').to_ascii_lowercase(),
+        )
+    }
+
     /// Serves the site over HTTPS (plain-HTTP requests are redirected unless turned off).
     pub fn tls(mut self, tls: bool) -> Self {
         self.tls = tls;

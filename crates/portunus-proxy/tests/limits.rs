@@ -142,35 +142,37 @@ async fn a_client_that_stops_reading_is_dropped() {
     );
 }
 
-#[tokio::test]
-async fn connections_per_address_are_limited() {
+/// With connection caps `(total, per_ip)` that two held connections fill, a third is closed
+/// unanswered, and served again once one of the two is gone.
+async fn two_connections_fill(total: usize, per_ip: usize, why: &str) {
     let up = EchoServer::start("up").await.unwrap();
     let (addr, _stop) = serve(
         ProxySettings::new()
             .site(SiteSettings::new("s", ["a.test"]).upstreams([up.url()]))
-            .max_connections(100, 2),
+            .max_connections(total, per_ip),
     )
     .await;
-    let _one = TcpStream::connect(addr).await.unwrap();
+    let request = b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n";
+    let one = TcpStream::connect(addr).await.unwrap();
     let _two = TcpStream::connect(addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let reply = exchange(
-        addr,
-        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
-    )
-    .await;
     assert_eq!(
-        reply, "",
-        "a third connection from the same address is closed unanswered"
+        exchange(addr, request).await,
+        "",
+        "{why}: a third connection is closed unanswered"
     );
-    drop(_one);
+    drop(one);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let reply = exchange(
-        addr,
-        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(status_of(&reply), 200, "a slot is free again");
+    assert_eq!(
+        status_of(&exchange(addr, request).await),
+        200,
+        "{why}: a slot is free again"
+    );
+}
+
+#[tokio::test]
+async fn connections_per_address_are_limited() {
+    two_connections_fill(100, 2, "per address").await;
 }
 
 #[tokio::test]
@@ -542,35 +544,7 @@ async fn ping_and_settings_floods_are_bounded_and_others_are_served() {
 
 #[tokio::test]
 async fn total_connections_are_limited() {
-    let up = EchoServer::start("up").await.unwrap();
-    let (addr, _stop) = serve(
-        ProxySettings::new()
-            .site(SiteSettings::new("s", ["a.test"]).upstreams([up.url()]))
-            .max_connections(2, 100),
-    )
-    .await;
-    let held = [
-        TcpStream::connect(addr).await.unwrap(),
-        TcpStream::connect(addr).await.unwrap(),
-    ];
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let reply = exchange(
-        addr,
-        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(
-        reply, "",
-        "over the total, a connection is closed unanswered"
-    );
-    drop(held);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let reply = exchange(
-        addr,
-        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(status_of(&reply), 200);
+    two_connections_fill(2, 100, "in all").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -753,14 +753,24 @@ pub mod pebble {
     }
 
     /// A port free right now on 127.0.0.1 (TCP and UDP).
+    ///
+    /// For servers that must be told their port in advance (Pebble validates on fixed ports).
+    /// Chosen below Linux's ephemeral range (32768 and up), so the source port of some
+    /// outgoing connection in a parallel test cannot take it before it is bound.
     pub fn free_port() -> u16 {
-        for _ in 0..50 {
-            let Ok(tcp) = TcpListener::bind("127.0.0.1:0") else {
-                continue;
-            };
-            let Ok(addr) = tcp.local_addr() else { continue };
-            if UdpSocket::bind(addr).is_ok() {
-                return addr.port();
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let seed = std::process::id().wrapping_mul(2_654_435_761).wrapping_add(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos()),
+        );
+        for _ in 0..200 {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(7_919)) % 12_000) as u16;
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            if TcpListener::bind(addr).is_ok() && UdpSocket::bind(addr).is_ok() {
+                return port;
             }
         }
         panic!("no free port on 127.0.0.1")
