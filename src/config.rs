@@ -215,6 +215,8 @@ pub struct Config {
     pub log: AccessLog,
     pub sites: Vec<Site>,
     pub docker: Option<DockerConfig>,
+    /// Worker threads serving the HTTP and HTTPS listeners; 0 = one per CPU.
+    pub workers: usize,
 }
 
 impl Config {
@@ -515,6 +517,7 @@ pub fn default_storage() -> PathBuf {
 const KNOWN_TOP: &[&str] = &[
     "email",
     "storage",
+    "workers",
     "trusted_proxies",
     "listen",
     "acme",
@@ -561,6 +564,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
 
     let email: Option<String> = take("email").and_then(|v| c.value(v));
     let storage: Option<String> = take("storage").and_then(|v| c.value(v));
+    let workers: u16 = take("workers").and_then(|v| c.value(v)).unwrap_or(0);
     let trusted_raw: Vec<Spanned<String>> = take("trusted_proxies")
         .and_then(|v| c.value(v))
         .unwrap_or_default();
@@ -734,6 +738,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         log,
         sites,
         docker,
+        workers: usize::from(workers),
     })
 }
 
@@ -1008,6 +1013,10 @@ tls = "off"
     #[test]
     fn error_table() {
         let cases: &[(&str, &[&str])] = &[
+            (
+                "workers = -2\n[[site]]\nhosts=[\"a.test\"]\nrespond=\"x\"",
+                &["t.toml:1:11: invalid value"],
+            ),
             (
                 "nonsense = 1\n[[site]]\nhosts=[\"a.test\"]\nrespond=\"x\"",
                 &["t.toml:1:1: unknown key `nonsense`"],

@@ -18,7 +18,7 @@ use tracing::{error, info};
 
 use crate::admin::Admin;
 use crate::config::{self, Config, Tls};
-use crate::run::bind;
+use crate::workers::{Workers, bind_each};
 
 /// The listeners an instance may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,6 +61,7 @@ pub struct Instance {
     reload_lock: tokio::sync::Mutex<()>,
     pub last_reload: Mutex<Option<ReloadStatus>>,
     discovered: Mutex<Vec<DiscoveredSite>>,
+    workers: Arc<Workers>,
 }
 
 impl std::fmt::Debug for Instance {
@@ -104,7 +105,11 @@ fn now() -> u64 {
 
 impl Instance {
     /// Builds the instance for `config`: certificates loaded, nothing listening yet.
-    pub async fn new(config: Config, path: Option<PathBuf>) -> anyhow::Result<Arc<Self>> {
+    pub async fn new(
+        config: Config,
+        path: Option<PathBuf>,
+        workers: Arc<Workers>,
+    ) -> anyhow::Result<Arc<Self>> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let resolver = Arc::new(CertResolver::new());
         let proxy = Proxy::new(config.proxy_settings()).context("invalid sites")?;
@@ -123,6 +128,7 @@ impl Instance {
             reload_lock: tokio::sync::Mutex::new(()),
             last_reload: Mutex::new(None),
             discovered: Mutex::new(Vec::new()),
+            workers,
         });
         instance.apply_certificates(&config).await?;
         Ok(instance)
@@ -276,45 +282,67 @@ impl Instance {
             if lock(&self.listeners).contains_key(&kind) {
                 continue;
             }
-            let listener = bind(addr).await?;
-            let local = listener.local_addr().unwrap_or(addr);
+            // The proxy listeners get one socket per worker; admin and metrics one in all.
+            let per_worker = matches!(kind, Kind::Http | Kind::Https);
+            let n = if per_worker {
+                self.workers.handles().len()
+            } else {
+                1
+            };
+            let sockets = bind_each(addr, n)?;
+            let local = sockets
+                .first()
+                .and_then(|s| s.local_addr().ok())
+                .unwrap_or(addr);
             let stop = self.shutdown.child_token();
-            let this = Arc::clone(self);
-            let token = stop.clone();
-            let task = tokio::spawn(async move {
-                let result = match kind {
-                    Kind::Http => this.proxy.serve(listener, token.cancelled_owned()).await,
-                    Kind::Https => {
-                        match portunus_proxy::server_config(
-                            Arc::clone(&this.resolver),
-                            Arc::clone(&this.provider),
-                        ) {
-                            Ok(tls) => {
-                                this.proxy
-                                    .serve_tls(listener, tls, token.cancelled_owned())
-                                    .await
-                            }
-                            Err(e) => {
-                                error!(error = %e, "TLS configuration");
-                                Ok(())
-                            }
+            let tls = match kind {
+                Kind::Https => Some(
+                    portunus_proxy::server_config(
+                        Arc::clone(&self.resolver),
+                        Arc::clone(&self.provider),
+                    )
+                    .context("TLS configuration")?,
+                ),
+                _ => None,
+            };
+            if per_worker {
+                let what = if kind == Kind::Https { "HTTPS" } else { "HTTP" };
+                info!(addr = %local, workers = n, "listening for {what}");
+            }
+            let mut tasks = Vec::new();
+            for (socket, worker) in sockets.into_iter().zip(self.workers.handles()) {
+                let this = Arc::clone(self);
+                let token = stop.clone();
+                let tls = tls.clone();
+                tasks.push(worker.spawn(async move {
+                    let listener = match tokio::net::TcpListener::from_std(socket) {
+                        Ok(l) => l,
+                        Err(e) => return error!(error = %e, "listener failed"),
+                    };
+                    let result = match (kind, tls) {
+                        (Kind::Https, Some(tls)) => {
+                            this.proxy
+                                .serve_tls(listener, tls, token.cancelled_owned())
+                                .await
                         }
+                        (Kind::Http | Kind::Https, _) => {
+                            this.proxy.serve(listener, token.cancelled_owned()).await
+                        }
+                        (Kind::Admin | Kind::Metrics, _) => {
+                            Admin::new(Arc::clone(&this), local, kind == Kind::Metrics)
+                                .serve(listener, token)
+                                .await;
+                            Ok(())
+                        }
+                    };
+                    if let Err(e) = result {
+                        error!(error = %e, "listener failed");
                     }
-                    Kind::Admin => {
-                        Admin::new(Arc::clone(&this), local, false)
-                            .serve(listener, token)
-                            .await;
-                        Ok(())
-                    }
-                    Kind::Metrics => {
-                        Admin::new(Arc::clone(&this), local, true)
-                            .serve(listener, token)
-                            .await;
-                        Ok(())
-                    }
-                };
-                if let Err(e) = result {
-                    error!(error = %e, "listener failed");
+                }));
+            }
+            let task = tokio::spawn(async move {
+                for task in tasks {
+                    let _ = task.await;
                 }
             });
             lock(&self.listeners).insert(

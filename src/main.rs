@@ -8,6 +8,7 @@ mod instance;
 mod logging;
 mod run;
 mod watch;
+mod workers;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -134,3 +135,6 @@ fn finish(result: anyhow::Result<()>) -> ExitCode {
         }
     }
 }
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -7,11 +7,11 @@ use anyhow::{Context, bail};
 use std::sync::Arc;
 
 use portunus_proxy::{SiteSettings, Timeouts};
-use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::instance::Instance;
 use crate::logging::LogFormat;
+use crate::workers::Workers;
 
 use crate::config::{self, Config, Listen, Site, Tls};
 
@@ -82,6 +82,7 @@ pub fn one_site(from: &str, to: &str, internal: bool) -> anyhow::Result<Config> 
             tls: if internal { Tls::Internal } else { Tls::Off },
         }],
         docker: None,
+        workers: 0,
     })
 }
 
@@ -99,32 +100,22 @@ fn ensure_storage(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create storage directory {}", dir.display()))
 }
 
-/// Binds a listener; `[::]` falls back to `0.0.0.0` on hosts without IPv6.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    match TcpListener::bind(addr).await {
-        Ok(l) => Ok(l),
-        Err(e) if addr.ip().is_unspecified() && addr.is_ipv6() => {
-            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
-            TcpListener::bind(v4)
-                .await
-                .with_context(|| format!("cannot listen on {addr} ({e}) nor on {v4}"))
-        }
-        Err(e) => Err(e).with_context(|| format!("cannot listen on {addr}")),
-    }
-}
-
 /// Serves `config` until SIGTERM or SIGINT; reloads on SIGHUP and when `path` changes.
 pub fn run_config(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     ensure_storage(&config.storage)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, path))
+    let runtime = crate::workers::runtime()?;
+    let workers = Arc::new(Workers::start(
+        runtime.handle().clone(),
+        crate::workers::count(config.workers),
+    )?);
+    let served = runtime.block_on(serve(config, path, Arc::clone(&workers)));
+    workers.stop();
+    served
 }
 
-async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
-    let instance = Instance::new(config, path.clone()).await?;
+async fn serve(config: Config, path: Option<PathBuf>, workers: Arc<Workers>) -> anyhow::Result<()> {
+    info!(workers = workers.handles().len(), "starting");
+    let instance = Instance::new(config, path.clone(), workers).await?;
     instance.start().await?;
     instance.start_discovery();
     spawn_signal_handlers(Arc::clone(&instance))?;

@@ -722,3 +722,112 @@ async fn get_status_json(admin: std::net::SocketAddr) -> serde_json::Value {
     assert_eq!(r.status, 200);
     r.json()
 }
+
+/// The worker threads of `pid` (named `portunus-worker-N`, cut to 15 bytes by Linux) with
+/// their on-CPU nanoseconds, by thread id.
+fn worker_cpu_ns(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !name.starts_with("portunus-worke") {
+            continue;
+        }
+        let ns = std::fs::read_to_string(dir.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        out.insert(dir.file_name().unwrap().to_string_lossy().into_owned(), ns);
+    }
+    out
+}
+
+/// Portunus with three workers, `extra` tables and one site `w.test` on `up`.
+fn start_workers(dir: &Path, extra: &str, up: &EchoServer) -> Portunus {
+    // `workers` is a top-level key: it goes before [listen].
+    let path = dir.join("portunus.toml");
+    let text = format!(
+        "workers = 3\nstorage = \"{}\"\n[listen]\nhttp = \"127.0.0.1:0\"\n{extra}[[site]]\nhosts = [\"w.test\"]\nupstreams = [\"{}\"]\ntls = \"off\"\n",
+        dir.join("storage").display(),
+        up.url()
+    );
+    std::fs::write(&path, text).unwrap();
+    Portunus::start(&bin(), &path, 1).unwrap()
+}
+
+#[tokio::test]
+async fn workers_share_the_listeners_and_each_serves_connections() {
+    let up = EchoServer::start("up").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = start_workers(dir.path(), "", &up);
+    assert!(p.log().contains("workers=3"), "{}", p.log());
+    let addr = p.addr("HTTP").unwrap();
+    // A thread names itself once it runs: give them a moment.
+    let mut before = worker_cpu_ns(p.pid());
+    for _ in 0..100 {
+        if before.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        before = worker_cpu_ns(p.pid());
+    }
+    assert_eq!(before.len(), 2, "worker 0 is the main thread: {before:?}");
+
+    // Many connections (each from its own source port): the kernel spreads them over the
+    // three sockets, and every request is served.
+    let mut clients = Vec::new();
+    for _ in 0..60 {
+        clients.push(tokio::spawn(async move {
+            for _ in 0..20 {
+                let r = get(addr, "w.test", "/x").await.unwrap();
+                assert_eq!(r.status, 200);
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    let after = worker_cpu_ns(p.pid());
+    for (tid, ns) in &after {
+        let was = before.get(tid).copied().unwrap_or(0);
+        assert!(
+            *ns > was + 1_000_000,
+            "worker thread {tid} served nothing ({was} -> {ns} ns on CPU)"
+        );
+    }
+}
+
+#[tokio::test]
+async fn connection_caps_hold_per_listener_across_workers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = EchoServer::start("up").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = start_workers(dir.path(), "[limits]\nmax_connections = 2\n", &up);
+    let addr = p.addr("HTTP").unwrap();
+    let exchange = || async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = s
+            .write_all(b"GET / HTTP/1.1\r\nHost: w.test\r\nConnection: close\r\n\r\n")
+            .await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let _one = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _two = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Whichever worker's socket the kernel hands them to, the listener is full.
+    for i in 0..6 {
+        assert_eq!(
+            exchange().await,
+            "",
+            "connection {i} beyond the cap was served"
+        );
+    }
+    drop(_one);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        exchange().await.starts_with("HTTP/1.1 200"),
+        "a slot is free again"
+    );
+}

@@ -1,6 +1,6 @@
 //! Request handling: routing, static answers, forwarding with retries, WebSocket tunnels.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 use crate::body::{BodyError, CUT_MALFORMED, CUT_STALLED, CUT_TOO_LARGE, LimitedBody, ProxyBody};
 use crate::conn::Activity;
 use crate::error::RequestError;
-use crate::headers::{ClientInfo, has_token, is_trusted, remove_hop_by_hop, set_forwarded};
+use crate::headers::{ClientConn, has_token, remove_hop_by_hop, rewrite_request};
 use crate::metrics::SiteMetrics;
 use crate::settings::Timeouts;
 use crate::upstream::{ActiveGuard, Pool, Upstream};
@@ -76,8 +76,9 @@ const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 #[derive(Debug)]
 pub(crate) struct ConnCtx {
     pub(crate) peer: SocketAddr,
-    pub(crate) local: SocketAddr,
     pub(crate) tls: bool,
+    /// What upstreams are told about the client.
+    pub(crate) client: ClientConn,
     pub(crate) activity: Arc<Activity>,
     pub(crate) tracker: TaskTracker,
     pub(crate) force: CancellationToken,
@@ -434,22 +435,8 @@ async fn forward_to_site(
 
     let mut headers = parts.headers;
     let upgrade_value = headers.get(header::UPGRADE).cloned();
-    remove_hop_by_hop(&mut headers);
-    if let Ok(value) = HeaderValue::from_str(host) {
-        headers.insert(header::HOST, value);
-    }
-    let peer: IpAddr = ctx.peer.ip().to_canonical();
-    set_forwarded(
-        &mut headers,
-        &ClientInfo {
-            peer,
-            trusted: is_trusted(&table.trusted, peer),
-            tls: ctx.tls,
-            host,
-            local_port: ctx.local.port(),
-            trusted_nets: &table.trusted,
-        },
-    );
+    rewrite_request(&mut headers, &ctx.client, &table.trusted, host)
+        .ok_or(RequestError::MissingHost)?;
     if let Some(upgrade) = upgrade_value.filter(|_| websocket) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, upgrade);

@@ -16,7 +16,7 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1), plus
 /// `Proxy-Authorization`, which is meant for us and never for an upstream.
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -30,19 +30,60 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
+    // One pass over the names first, then remove only what is there: a miss costs a hash
+    // lookup per name, and most messages carry at most `Connection`.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    if present == 0 {
+        return;
     }
+    if headers.contains_key(header::CONNECTION) {
+        // Usually `keep-alive` or `upgrade`, removed below anyway: then nothing is allocated.
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .filter(|name| !HOP_BY_HOP.contains(name))
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Rewrites a request's headers for its upstream: hop-by-hop headers removed, `Host` set to
+/// `host`, and the forwarding headers set (see [`set_forwarded`]). `None` when `host` is not
+/// a valid header value.
+pub(crate) fn rewrite_request(
+    headers: &mut HeaderMap,
+    conn: &ClientConn,
+    trusted_nets: &[IpNet],
+    host: &str,
+) -> Option<()> {
+    remove_hop_by_hop(headers);
+    // HTTP/1 requests carry their host in `Host` already (a cheap clone); HTTP/2 ones in the
+    // URI's authority.
+    let host_value = match headers.get(header::HOST) {
+        Some(value) if value.as_bytes() == host.as_bytes() => value.clone(),
+        _ => {
+            let value = HeaderValue::from_str(host).ok()?;
+            headers.insert(header::HOST, value.clone());
+            value
+        }
+    };
+    set_forwarded(headers, conn, trusted_nets, host, &host_value);
+    Some(())
 }
 
 /// Whether `headers` has the token `token` (case-insensitive) in a comma-separated header.
@@ -60,84 +101,152 @@ pub(crate) fn is_trusted(trusted: &[IpNet], peer: IpAddr) -> bool {
     trusted.iter().any(|net| net.contains(&peer))
 }
 
-/// What the proxy knows about the client side of one request.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ClientInfo<'a> {
+/// What a connection tells upstreams about its client, worked out once per connection.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientConn {
     pub(crate) peer: IpAddr,
-    pub(crate) trusted: bool,
     pub(crate) tls: bool,
-    pub(crate) host: &'a str,
-    pub(crate) local_port: u16,
-    pub(crate) trusted_nets: &'a [IpNet],
+    /// The peer's address as a header value (`X-Forwarded-For`, `X-Real-IP`).
+    ip: HeaderValue,
+    /// `for=<node>;proto=<proto>`: how this hop's `Forwarded` element starts.
+    forwarded: String,
+    /// The local port (`X-Forwarded-Port`).
+    port: HeaderValue,
 }
 
-/// Sets `X-Forwarded-For`, `-Proto`, `-Host`, `-Port`, `-Ssl`, `X-Real-IP` and `Forwarded`.
+impl ClientConn {
+    pub(crate) fn new(peer: IpAddr, local_port: u16, tls: bool) -> Self {
+        let peer = peer.to_canonical();
+        let proto = if tls { "https" } else { "http" };
+        let forwarded = match peer {
+            IpAddr::V4(v4) => format!("for={v4};proto={proto}"),
+            IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto={proto}"),
+        };
+        Self {
+            peer,
+            tls,
+            ip: value(peer.to_string()),
+            forwarded,
+            port: value(local_port.to_string()),
+        }
+    }
+}
+
+/// A header value from text known to be valid (an address, a number).
+fn value(text: String) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// The headers that carry client information from proxy to proxy.
+static FORWARDED_NAMES: [HeaderName; 7] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    X_FORWARDED_PORT,
+    X_FORWARDED_SSL,
+    X_REAL_IP,
+    header::FORWARDED,
+];
+
+/// Sets `X-Forwarded-For`, `-Proto`, `-Host`, `-Port`, `-Ssl`, `X-Real-IP` and `Forwarded`
+/// for a request to `host` (`host_value` is the same as a header value).
 ///
 /// From an untrusted peer every client-sent copy is dropped first. From a trusted peer the
 /// `X-Forwarded-For` and `Forwarded` chains are appended to and the other values it sent kept.
-pub(crate) fn set_forwarded(headers: &mut HeaderMap, client: &ClientInfo<'_>) {
-    let proto = if client.tls { "https" } else { "http" };
-    let names = [
-        &X_FORWARDED_FOR,
-        &X_FORWARDED_PROTO,
-        &X_FORWARDED_HOST,
-        &X_FORWARDED_PORT,
-        &X_FORWARDED_SSL,
-        &X_REAL_IP,
-        &header::FORWARDED,
-    ];
-    if !client.trusted {
-        for name in names {
+pub(crate) fn set_forwarded(
+    headers: &mut HeaderMap,
+    conn: &ClientConn,
+    trusted_nets: &[IpNet],
+    host: &str,
+    host_value: &HeaderValue,
+) {
+    let trusted = is_trusted(trusted_nets, conn.peer);
+    let sent = headers.keys().any(|name| FORWARDED_NAMES.contains(name));
+    if sent && !trusted {
+        for name in &FORWARDED_NAMES {
             headers.remove(name);
         }
     }
-    let peer = client.peer.to_string();
+    if sent && trusted {
+        return append_forwarded(headers, conn, trusted_nets, host, host_value);
+    }
+    // Nothing came from the client (or it was dropped): the values are this hop's alone.
+    headers.reserve(FORWARDED_NAMES.len());
+    headers.insert(X_REAL_IP, conn.ip.clone());
+    headers.insert(X_FORWARDED_FOR, conn.ip.clone());
+    if let Some(forwarded) = forwarded_value(conn, host, None) {
+        headers.insert(header::FORWARDED, forwarded);
+    }
+    headers.insert(X_FORWARDED_PROTO, proto_value(conn.tls));
+    headers.insert(X_FORWARDED_HOST, host_value.clone());
+    headers.insert(X_FORWARDED_PORT, conn.port.clone());
+    headers.insert(X_FORWARDED_SSL, ssl_value(conn.tls));
+}
 
-    let previous_xff = joined(headers, &X_FORWARDED_FOR);
-    let xff = match &previous_xff {
+fn proto_value(tls: bool) -> HeaderValue {
+    HeaderValue::from_static(if tls { "https" } else { "http" })
+}
+
+fn ssl_value(tls: bool) -> HeaderValue {
+    HeaderValue::from_static(if tls { "on" } else { "off" })
+}
+
+/// This hop's `Forwarded` element after `chain` (the elements of earlier hops), if any.
+fn forwarded_value(conn: &ClientConn, host: &str, chain: Option<&str>) -> Option<HeaderValue> {
+    let chain = chain.filter(|c| !c.trim().is_empty());
+    let mut out = String::with_capacity(
+        chain.map_or(0, |c| c.len() + 2) + conn.forwarded.len() + host.len() + 8,
+    );
+    if let Some(chain) = chain {
+        out.push_str(chain);
+        out.push_str(", ");
+    }
+    out.push_str(&conn.forwarded);
+    if is_token(host) {
+        out.push_str(";host=");
+        out.push_str(host);
+    } else if !host.contains(['"', '\\']) {
+        out.push_str(";host=\"");
+        out.push_str(host);
+        out.push('"');
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(out)).ok()
+}
+
+/// A trusted peer sent forwarding headers: append to its chains, keep its other values.
+fn append_forwarded(
+    headers: &mut HeaderMap,
+    conn: &ClientConn,
+    trusted_nets: &[IpNet],
+    host: &str,
+    host_value: &HeaderValue,
+) {
+    let peer = conn.ip.to_str().unwrap_or_default();
+    let xff = match joined(headers, &X_FORWARDED_FOR) {
         Some(chain) if !chain.trim().is_empty() => format!("{chain}, {peer}"),
-        _ => peer.clone(),
+        _ => peer.to_owned(),
     };
     if !headers.contains_key(&X_REAL_IP) {
-        let real = real_ip(&xff, client.trusted_nets)
-            .unwrap_or(&peer)
-            .to_owned();
+        let real = real_ip(&xff, trusted_nets).unwrap_or(peer).to_owned();
         insert(headers, X_REAL_IP, &real);
     }
     insert(headers, X_FORWARDED_FOR, &xff);
-
-    let node = match client.peer {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let mut element = format!("for={node};proto={proto}");
-    if is_token(client.host) {
-        element.push_str(";host=");
-        element.push_str(client.host);
-    } else if !client.host.contains(['"', '\\']) {
-        element.push_str(&format!(";host=\"{}\"", client.host));
+    let chain = joined(headers, &header::FORWARDED);
+    if let Some(forwarded) = forwarded_value(conn, host, chain.as_deref()) {
+        headers.insert(header::FORWARDED, forwarded);
     }
-    let forwarded = match joined(headers, &header::FORWARDED) {
-        Some(chain) if !chain.trim().is_empty() => format!("{chain}, {element}"),
-        _ => element,
-    };
-    insert(headers, header::FORWARDED, &forwarded);
-
     if !headers.contains_key(&X_FORWARDED_PROTO) {
-        insert(headers, X_FORWARDED_PROTO, proto);
+        headers.insert(X_FORWARDED_PROTO, proto_value(conn.tls));
     }
     if !headers.contains_key(&X_FORWARDED_HOST) {
-        insert(headers, X_FORWARDED_HOST, client.host);
+        headers.insert(X_FORWARDED_HOST, host_value.clone());
     }
     if !headers.contains_key(&X_FORWARDED_PORT) {
-        insert(headers, X_FORWARDED_PORT, &client.local_port.to_string());
+        headers.insert(X_FORWARDED_PORT, conn.port.clone());
     }
     if !headers.contains_key(&X_FORWARDED_SSL) {
-        insert(
-            headers,
-            X_FORWARDED_SSL,
-            if client.tls { "on" } else { "off" },
-        );
+        headers.insert(X_FORWARDED_SSL, ssl_value(conn.tls));
     }
 }
 
@@ -220,15 +329,10 @@ mod tests {
         assert!(!has_token(&h, &header::CONNECTION, "close"));
     }
 
-    fn client<'a>(peer: &str, trusted: bool, nets: &'a [IpNet]) -> ClientInfo<'a> {
-        ClientInfo {
-            peer: peer.parse().unwrap(),
-            trusted,
-            tls: false,
-            host: "example.com",
-            local_port: 8080,
-            trusted_nets: nets,
-        }
+    /// Rewrites `h` as for a plain-HTTP request to `host` from `peer` on local port 8080.
+    fn forward(h: &mut HeaderMap, peer: &str, nets: &[IpNet], host: &str) {
+        let conn = ClientConn::new(peer.parse().unwrap(), 8080, false);
+        set_forwarded(h, &conn, nets, host, &HeaderValue::from_str(host).unwrap());
     }
 
     #[test]
@@ -242,7 +346,7 @@ mod tests {
             ("x-forwarded-ssl", "on"),
             ("forwarded", "for=6.6.6.6"),
         ]);
-        set_forwarded(&mut h, &client("192.0.2.7", false, &[]));
+        forward(&mut h, "192.0.2.7", &[], "example.com");
         assert_eq!(h["x-forwarded-for"], "192.0.2.7");
         assert_eq!(h["x-real-ip"], "192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -261,7 +365,7 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("forwarded", "for=203.0.113.9"),
         ]);
-        set_forwarded(&mut h, &client("10.0.0.2", true, &nets));
+        forward(&mut h, "10.0.0.2", &nets, "example.com");
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.1.1.1, 10.0.0.2");
         assert_eq!(h["x-real-ip"], "203.0.113.9");
         assert_eq!(h["x-forwarded-proto"], "https");
@@ -274,7 +378,7 @@ mod tests {
     #[test]
     fn ipv6_forwarded_is_quoted() {
         let mut h = HeaderMap::new();
-        set_forwarded(&mut h, &client("::1", false, &[]));
+        forward(&mut h, "::1", &[], "example.com");
         assert_eq!(h["forwarded"], "for=\"[::1]\";proto=http;host=example.com");
         assert_eq!(h["x-forwarded-for"], "::1");
     }
@@ -282,12 +386,52 @@ mod tests {
     #[test]
     fn host_with_port_is_quoted_in_forwarded() {
         let mut h = HeaderMap::new();
-        let mut c = client("192.0.2.1", false, &[]);
-        c.host = "example.com:8080";
-        set_forwarded(&mut h, &c);
+        forward(&mut h, "192.0.2.1", &[], "example.com:8080");
         assert_eq!(
             h["forwarded"],
             "for=192.0.2.1;proto=http;host=\"example.com:8080\""
         );
+    }
+
+    #[test]
+    fn trusted_peer_without_forwarding_headers_is_the_client() {
+        let nets: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut h = map(&[("host", "example.com")]);
+        forward(&mut h, "10.0.0.2", &nets, "example.com");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.2");
+        assert_eq!(h["x-real-ip"], "10.0.0.2");
+        assert_eq!(h["x-forwarded-host"], "example.com");
+        assert_eq!(h["forwarded"], "for=10.0.0.2;proto=http;host=example.com");
+    }
+
+    #[test]
+    fn mapped_ipv4_peer_is_written_as_ipv4() {
+        let mut h = HeaderMap::new();
+        forward(&mut h, "::ffff:192.0.2.9", &[], "example.com");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.9");
+        assert_eq!(h["forwarded"], "for=192.0.2.9;proto=http;host=example.com");
+    }
+
+    #[test]
+    fn connection_keep_alive_alone_is_removed() {
+        let mut h = map(&[("connection", "keep-alive"), ("content-length", "6")]);
+        remove_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["content-length"]);
+    }
+
+    #[test]
+    fn host_is_set_from_the_authority_when_it_differs() {
+        let conn = ClientConn::new("192.0.2.1".parse().unwrap(), 443, true);
+        let mut h = map(&[("host", "other.test"), ("te", "trailers")]);
+        assert!(rewrite_request(&mut h, &conn, &[], "example.com").is_some());
+        assert_eq!(h["host"], "example.com");
+        assert_eq!(h["x-forwarded-host"], "example.com");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-ssl"], "on");
+        assert_eq!(h["x-forwarded-port"], "443");
+        assert!(!h.contains_key("te"));
+        let mut h = HeaderMap::new();
+        assert!(rewrite_request(&mut h, &conn, &[], "bad\nhost").is_none());
     }
 }

@@ -85,23 +85,16 @@ pub mod fuzzing {
             vec![ipnet::IpNet::from(std::net::IpAddr::from([10, 0, 0, 1]))];
         for trusted in [false, true] {
             let mut h = headers.clone();
-            crate::headers::remove_hop_by_hop(&mut h);
             let peer = if trusted {
                 [10, 0, 0, 1]
             } else {
                 [192, 0, 2, 1]
             };
-            crate::headers::set_forwarded(
-                &mut h,
-                &crate::headers::ClientInfo {
-                    peer: std::net::IpAddr::from(peer),
-                    trusted,
-                    tls: trusted,
-                    host: &host,
-                    local_port: 443,
-                    trusted_nets: &nets,
-                },
-            );
+            let conn = crate::headers::ClientConn::new(std::net::IpAddr::from(peer), 443, trusted);
+            if crate::headers::rewrite_request(&mut h, &conn, &nets, &host).is_none() {
+                assert!(http::HeaderValue::from_str(&host).is_err());
+                continue;
+            }
             for hop in [
                 "connection",
                 "keep-alive",
@@ -121,6 +114,44 @@ pub mod fuzzing {
                 );
                 assert_eq!(h.get_all("x-real-ip").iter().count(), 1);
             }
+        }
+    }
+}
+
+/// Entry points for the benchmarks in `benches/`; not a stable API.
+#[doc(hidden)]
+pub mod bench {
+    use http::HeaderMap;
+
+    /// The request-header rewriting of one connection, as the proxy does it per request.
+    #[derive(Debug)]
+    pub struct HeaderRewriter {
+        conn: crate::headers::ClientConn,
+        trusted: Vec<ipnet::IpNet>,
+    }
+
+    impl HeaderRewriter {
+        /// A connection from `peer` to local port `local_port`.
+        pub fn new(
+            peer: std::net::IpAddr,
+            local_port: u16,
+            tls: bool,
+            trusted: Vec<ipnet::IpNet>,
+        ) -> Self {
+            Self {
+                conn: crate::headers::ClientConn::new(peer, local_port, tls),
+                trusted,
+            }
+        }
+
+        /// Rewrites one request's headers for its upstream; false when `host` is invalid.
+        pub fn rewrite(&self, headers: &mut HeaderMap, host: &str) -> bool {
+            crate::headers::rewrite_request(headers, &self.conn, &self.trusted, host).is_some()
+        }
+
+        /// Removes the hop-by-hop headers of an upstream's response.
+        pub fn response(&self, headers: &mut HeaderMap) {
+            crate::headers::remove_hop_by_hop(headers);
         }
     }
 }

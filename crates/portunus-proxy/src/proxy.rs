@@ -24,6 +24,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::conn::{Activity, Expired, TrackedIo};
 use crate::error::{Error, Result};
 use crate::forward::{Action, ConnCtx, SiteInfo, Table, Target, UpstreamClient, handle};
+use crate::headers::ClientConn;
 use crate::metrics::{Registry, escape};
 use crate::settings::{Handler, ProxySettings};
 use crate::upstream::Pool;
@@ -40,13 +41,22 @@ pub struct Proxy {
 #[derive(Debug)]
 struct Shared {
     table: ArcSwap<Table>,
-    client: UpstreamClient,
+    /// One upstream client (and connection pool) per thread that serves a listener, so a
+    /// pooled connection is driven by the thread that uses it.
+    clients:
+        std::sync::Mutex<std::collections::HashMap<std::thread::ThreadId, Arc<UpstreamClient>>>,
+    connect_timeout: Duration,
     max_header_bytes: usize,
     max_headers: usize,
     h2_max_streams: u32,
     metrics: Registry,
     max_connections: usize,
     max_connections_per_ip: usize,
+    /// The connection counts of each listening address, shared by every socket serving it
+    /// (one per worker thread), so the caps hold per listener.
+    open: std::sync::Mutex<
+        std::collections::HashMap<std::net::SocketAddr, std::sync::Weak<ConnLimits>>,
+    >,
     /// The certificates of the HTTPS listener, to refuse requests for hosts the
     /// connection's certificate does not cover (421).
     resolver: arc_swap::ArcSwapOption<portunus_store::CertResolver>,
@@ -57,26 +67,18 @@ impl Proxy {
     pub fn new(settings: ProxySettings) -> Result<Self> {
         let metrics = Registry::default();
         let table = compile(&settings, &metrics)?;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(settings.timeouts.connect));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
         Ok(Self {
             shared: Arc::new(Shared {
                 table: ArcSwap::from_pointee(table),
-                client,
+                clients: std::sync::Mutex::default(),
+                connect_timeout: settings.timeouts.connect,
                 max_header_bytes: settings.max_header_bytes,
                 h2_max_streams: settings.h2_max_streams,
                 max_headers: settings.max_headers,
                 metrics,
                 max_connections: settings.max_connections,
                 max_connections_per_ip: settings.max_connections_per_ip,
+                open: std::sync::Mutex::default(),
                 resolver: arc_swap::ArcSwapOption::empty(),
             }),
         })
@@ -183,14 +185,12 @@ impl Proxy {
             source,
         })?;
         let kind = if tls.is_some() { "HTTPS" } else { "HTTP" };
-        info!(addr = %local, "listening for {kind}");
+        debug!(addr = %local, "serving {kind}");
         let tracker = TaskTracker::new();
-        let limits = Arc::new(ConnLimits::new(
-            self.shared.max_connections,
-            self.shared.max_connections_per_ip,
-        ));
+        let limits = self.shared.limits(local);
         let drain = CancellationToken::new();
         let force = CancellationToken::new();
+        let client = self.shared.client();
         tokio::pin!(shutdown);
         loop {
             let accepted = tokio::select! {
@@ -206,10 +206,11 @@ impl Proxy {
                     };
                     let conn = Connection {
                         shared: Arc::clone(&self.shared),
+                        client: Arc::clone(&client),
                         ctx: Arc::new(ConnCtx {
                             peer,
-                            local,
                             tls: tls.is_some(),
+                            client: ClientConn::new(peer.ip(), local.port(), tls.is_some()),
                             activity: Activity::new(true),
                             tracker: tracker.clone(),
                             force: force.clone(),
@@ -246,6 +247,51 @@ impl Proxy {
             tracker.wait().await;
         }
         Ok(())
+    }
+}
+
+impl Shared {
+    /// The connection counts of the listeners on `addr`.
+    fn limits(&self, addr: std::net::SocketAddr) -> Arc<ConnLimits> {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        open.retain(|_, limits| limits.strong_count() > 0);
+        if let Some(limits) = open.get(&addr).and_then(std::sync::Weak::upgrade) {
+            return limits;
+        }
+        let limits = Arc::new(ConnLimits::new(
+            self.max_connections,
+            self.max_connections_per_ip,
+        ));
+        open.insert(addr, Arc::downgrade(&limits));
+        limits
+    }
+
+    /// The upstream client of the calling thread.
+    fn client(&self) -> Arc<UpstreamClient> {
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        clients
+            .entry(std::thread::current().id())
+            .or_insert_with(|| {
+                let mut connector = HttpConnector::new();
+                connector.set_connect_timeout(Some(self.connect_timeout));
+                connector.set_nodelay(true);
+                connector.set_keepalive(Some(Duration::from_secs(60)));
+                Arc::new(
+                    Client::builder(TokioExecutor::new())
+                        .pool_timer(TokioTimer::new())
+                        .timer(TokioTimer::new())
+                        .pool_idle_timeout(Duration::from_secs(90))
+                        .pool_max_idle_per_host(1024)
+                        .build(connector),
+                )
+            })
+            .clone()
     }
 }
 
@@ -430,6 +476,7 @@ where
 /// One accepted client connection.
 struct Connection {
     shared: Arc<Shared>,
+    client: Arc<UpstreamClient>,
     ctx: Arc<ConnCtx>,
     drain: CancellationToken,
 }
@@ -493,12 +540,14 @@ impl Connection {
     + Send
     + 'static {
         let (shared, ctx) = (Arc::clone(&self.shared), Arc::clone(&self.ctx));
+        let client = Arc::clone(&self.client);
         service_fn(move |req| {
-            let (shared, ctx) = (Arc::clone(&shared), Arc::clone(&ctx));
-            async move {
-                let table = shared.table.load_full();
-                Ok::<_, Infallible>(handle(table, &shared.client, req, &ctx).await)
-            }
+            let (table, ctx, client) = (
+                shared.table.load_full(),
+                Arc::clone(&ctx),
+                Arc::clone(&client),
+            );
+            async move { Ok::<_, Infallible>(handle(table, &client, req, &ctx).await) }
         })
     }
 
