@@ -135,6 +135,3 @@ fn finish(result: anyhow::Result<()>) -> ExitCode {
         }
     }
 }
-
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -52,7 +52,10 @@ async fn until_status(
 ) -> Option<Duration> {
     let started = Instant::now();
     while started.elapsed() < limit {
-        if get(addr, host, "/").await.is_ok_and(|r| r.status == want) {
+        // A probe sent just before a route is removed may be connecting to the container's
+        // vanished address (up to the connect timeout): give up on it and probe again.
+        let probe = tokio::time::timeout(Duration::from_millis(500), get(addr, host, "/")).await;
+        if probe.is_ok_and(|r| r.is_ok_and(|r| r.status == want)) {
             return Some(started.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

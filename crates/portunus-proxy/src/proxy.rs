@@ -31,8 +31,13 @@ use crate::upstream::Pool;
 
 /// A reverse proxy: routes requests by host and path to upstream pools.
 ///
-/// Cheap to clone; clones share the routing table, the upstream connection pool and health
-/// state. [`Proxy::update`] swaps in new sites without touching open connections.
+/// Cheap to clone; clones share the routing table, health state and metrics.
+/// [`Proxy::update`] swaps in new sites without touching open connections.
+///
+/// To serve one address from several threads, bind it once per thread with `SO_REUSEPORT`
+/// and call [`Proxy::serve`] (or [`Proxy::serve_tls`]) on each thread's runtime: the
+/// connection caps count over all sockets of one address, and each thread keeps its own
+/// upstream connection pool, so a pooled connection is driven by the thread that uses it.
 #[derive(Debug, Clone)]
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -585,12 +590,16 @@ impl Connection {
 
 /// Runs a connection to completion, closing it when idle, when a request head is too slow,
 /// when the server drains (gracefully) or when the drain time is over (at once).
+///
+/// The connection lives in its own allocation, sized for its protocol: inline, every
+/// connection task would be as large as the largest protocol's state (idle connections are
+/// mostly this memory).
 async fn drive<C, E>(conn: C, shared: &Shared, ctx: &ConnCtx, drain: &CancellationToken)
 where
     C: Drain<Output = std::result::Result<(), E>>,
     E: std::fmt::Display,
 {
-    tokio::pin!(conn);
+    let mut conn = Box::pin(conn);
     let timeouts = shared.table.load().timeouts;
     let mut draining = false;
     let watchdog = ctx.activity.expired(timeouts.idle, timeouts.header_read);

@@ -66,6 +66,9 @@ pub struct CertKeeper {
     internal: HashMap<String, Option<CertInfo>>,
     files: Vec<FileSource>,
     poll: Duration,
+    /// Certificates ready for the resolver, installed in one swap at the end of a load: one
+    /// swap per certificate would copy the whole index each time (quadratic at start-up).
+    ready: Vec<(String, Arc<rustls::sign::CertifiedKey>)>,
 }
 
 impl std::fmt::Debug for CertKeeper {
@@ -93,6 +96,7 @@ impl CertKeeper {
             internal: HashMap::new(),
             files: Vec::new(),
             poll: Duration::from_secs(2),
+            ready: Vec::new(),
         }
     }
 
@@ -142,6 +146,11 @@ impl CertKeeper {
                 errors.push(e);
             }
         }
+        let ready = std::mem::take(&mut self.ready);
+        if !ready.is_empty() {
+            self.resolver
+                .insert_many(ready.iter().map(|(n, k)| (n.as_str(), Arc::clone(k))));
+        }
         errors
     }
 
@@ -159,9 +168,10 @@ impl CertKeeper {
         }
     }
 
-    fn install(&self, name: &str, pair: &CertPair, info: &CertInfo, what: &str) -> Result<()> {
+    /// Readies a certificate for the resolver (installed when the current load ends).
+    fn install(&mut self, name: &str, pair: &CertPair, info: &CertInfo, what: &str) -> Result<()> {
         let key = pair.certified_key(&self.provider, what)?;
-        self.resolver.insert(name, key);
+        self.ready.push((name.to_owned(), key));
         info!(sni = %name, not_after = info.not_after, "certificate in service");
         Ok(())
     }
@@ -241,10 +251,43 @@ impl CertKeeper {
         for stale in old_names.iter().filter(|n| !info.names.contains(n)) {
             self.resolver.remove(stale);
         }
-        self.resolver
-            .insert_many(info.names.iter().map(|n| (n.as_str(), Arc::clone(&key))));
+        self.ready
+            .extend(info.names.iter().map(|n| (n.clone(), Arc::clone(&key))));
         info!(path = %what, names = ?info.names, not_after = info.not_after, "certificate file in service");
         self.files[i].names = info.names;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryStorage;
+
+    #[tokio::test]
+    async fn one_load_puts_every_certificate_in_service() {
+        let resolver = Arc::new(CertResolver::new());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let names: Vec<String> = (0..40).map(|i| format!("s{i}.test")).collect();
+        let mut keeper = CertKeeper::new(
+            Arc::clone(&resolver),
+            Arc::new(MemoryStorage::new()),
+            provider,
+        )
+        .local_ca(Arc::new(LocalCa::generate().unwrap()))
+        .source(CertSource::Internal {
+            names: names.clone(),
+        });
+        assert!(keeper.load().await.is_empty());
+        for name in &names {
+            assert!(
+                resolver.lookup(Some(name)).is_some(),
+                "{name} not in service"
+            );
+        }
+        assert!(keeper.ready.is_empty(), "nothing is left waiting");
+        // A second load (the poll) reinstalls nothing and keeps them all.
+        assert!(keeper.load().await.is_empty());
+        assert!(resolver.lookup(Some("s39.test")).is_some());
     }
 }
