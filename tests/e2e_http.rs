@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use portunus_test_utils::{EchoServer, Portunus, get, request, wait_until};
+use portunus_test_utils::{EchoServer, Portunus, exchange, get, request, wait_until};
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 
 fn bin() -> PathBuf {
@@ -799,35 +799,25 @@ async fn workers_share_the_listeners_and_each_serves_connections() {
 
 #[tokio::test]
 async fn connection_caps_hold_per_listener_across_workers() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = EchoServer::start("up").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let p = start_workers(dir.path(), "[limits]\nmax_connections = 2\n", &up);
     let addr = p.addr("HTTP").unwrap();
-    let exchange = || async move {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let _ = s
-            .write_all(b"GET / HTTP/1.1\r\nHost: w.test\r\nConnection: close\r\n\r\n")
-            .await;
-        let mut out = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-        String::from_utf8_lossy(&out).into_owned()
+    let ask = || async move {
+        let req = b"GET / HTTP/1.1\r\nHost: w.test\r\nConnection: close\r\n\r\n";
+        exchange(addr, req).await.unwrap()
     };
     let _one = tokio::net::TcpStream::connect(addr).await.unwrap();
     let _two = tokio::net::TcpStream::connect(addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     // Whichever worker's socket the kernel hands them to, the listener is full.
     for i in 0..6 {
-        assert_eq!(
-            exchange().await,
-            "",
-            "connection {i} beyond the cap was served"
-        );
+        assert_eq!(ask().await, "", "connection {i} beyond the cap was served");
     }
     drop(_one);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
-        exchange().await.starts_with("HTTP/1.1 200"),
+        ask().await.starts_with("HTTP/1.1 200"),
         "a slot is free again"
     );
 }

@@ -26,11 +26,7 @@ async fn serve(settings: ProxySettings) -> (SocketAddr, CancellationToken) {
 
 /// Sends raw bytes and returns what came back until the peer closed or 5 s passed.
 async fn exchange(addr: SocketAddr, bytes: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
+    portunus_test_utils::exchange(addr, bytes).await.unwrap()
 }
 
 fn status_of(reply: &str) -> u16 {
@@ -98,13 +94,12 @@ async fn a_stalled_request_body_times_out() {
             .timeouts(Timeouts::default().body_read(Duration::from_millis(300))),
     )
     .await;
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 100\r\n\r\n0123456789")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    let reply = String::from_utf8_lossy(&out);
+    // Ten of the hundred announced bytes, then nothing.
+    let reply = exchange(
+        addr,
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 100\r\n\r\n0123456789",
+    )
+    .await;
     assert_eq!(status_of(&reply), 408, "{reply}");
 }
 

@@ -516,6 +516,18 @@ pub async fn request(
     })
 }
 
+/// Sends raw bytes over a new connection to `addr` and returns what came back until the peer
+/// closed or 5 s passed (for requests no HTTP client would send, and for connections the
+/// server closes unanswered).
+pub async fn exchange(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(bytes).await?;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
 /// `GET path` with `Host: host` over a new connection.
 pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Result<Reply, String> {
     request(addr, "GET", host, path, &[], Bytes::new()).await
