@@ -76,8 +76,7 @@ const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 #[derive(Debug)]
 pub(crate) struct ConnCtx {
     pub(crate) peer: SocketAddr,
-    pub(crate) tls: bool,
-    /// What upstreams are told about the client.
+    /// What upstreams are told about the client, including whether it came over TLS.
     pub(crate) client: ClientConn,
     pub(crate) activity: Arc<Activity>,
     pub(crate) tracker: TaskTracker,
@@ -191,7 +190,7 @@ impl AccessFields {
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             referer = %self.referer,
             user_agent = %self.user_agent,
-            tls = ctx.tls,
+            tls = ctx.client.tls,
         );
     }
 }
@@ -271,7 +270,8 @@ async fn route(
         return Err(RequestError::UnknownCoding(coding.to_owned()));
     }
     let challenge_token = req.uri().path().strip_prefix(ACME_CHALLENGE_PREFIX);
-    if let (false, Some(token), Some(challenges)) = (ctx.tls, challenge_token, &table.challenges)
+    if let (false, Some(token), Some(challenges)) =
+        (ctx.client.tls, challenge_token, &table.challenges)
         && let Some(answer) = challenges.http01(token)
     {
         return Ok(text_response(StatusCode::OK, Bytes::from(answer)));
@@ -285,13 +285,16 @@ async fn route(
         .ok_or(RequestError::UnknownHost)?;
     *site_out = Some(site_index);
     let site = table.sites.get(site_index);
-    if !ctx.tls && challenge_token.is_none() && site.is_some_and(|s| s.tls && s.https_redirect) {
+    if !ctx.client.tls
+        && challenge_token.is_none()
+        && site.is_some_and(|s| s.tls && s.https_redirect)
+    {
         return Ok(redirect_to_https(&host, req.uri(), table.https_port));
     }
-    if ctx.tls && !connection_covers(ctx, &host) {
+    if ctx.client.tls && !connection_covers(ctx, &host) {
         return Err(RequestError::Misdirected);
     }
-    let hsts = site.filter(|_| ctx.tls).and_then(|s| s.hsts.clone());
+    let hsts = site.filter(|_| ctx.client.tls).and_then(|s| s.hsts.clone());
     let mut response =
         forward_to_site(table, client, req, ctx, &host, site_index, websocket).await?;
     if let Some(hsts) = hsts {

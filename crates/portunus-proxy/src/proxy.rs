@@ -214,7 +214,6 @@ impl Proxy {
                         client: Arc::clone(&client),
                         ctx: Arc::new(ConnCtx {
                             peer,
-                            tls: tls.is_some(),
                             client: ClientConn::new(peer.ip(), local.port(), tls.is_some()),
                             activity: Activity::new(true),
                             tracker: tracker.clone(),
@@ -258,10 +257,7 @@ impl Proxy {
 impl Shared {
     /// The connection counts of the listeners on `addr`.
     fn limits(&self, addr: std::net::SocketAddr) -> Arc<ConnLimits> {
-        let mut open = self
-            .open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut open = lock(&self.open);
         open.retain(|_, limits| limits.strong_count() > 0);
         if let Some(limits) = open.get(&addr).and_then(std::sync::Weak::upgrade) {
             return limits;
@@ -276,10 +272,7 @@ impl Shared {
 
     /// The upstream client of the calling thread.
     fn client(&self) -> Arc<UpstreamClient> {
-        let mut clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut clients = lock(&self.clients);
         clients
             .entry(std::thread::current().id())
             .or_insert_with(|| {
@@ -298,6 +291,11 @@ impl Shared {
             })
             .clone()
     }
+}
+
+/// Locks `m`, ignoring poisoning: the counts and maps it guards stay usable.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// One upstream as `/status` shows it.
@@ -412,10 +410,7 @@ impl ConnLimits {
 
     fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<Slot> {
         let ip = ip.to_canonical();
-        let mut open = self
-            .open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut open = lock(&self.open);
         let from_ip = open.1.get(&ip).copied().unwrap_or(0);
         if open.0 >= self.total || from_ip >= self.per_ip {
             return None;
@@ -431,11 +426,7 @@ impl ConnLimits {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut open = self
-            .limits
-            .open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut open = lock(&self.limits.open);
         open.0 = open.0.saturating_sub(1);
         if let Some(n) = open.1.get_mut(&self.ip) {
             *n -= 1;
