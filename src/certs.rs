@@ -8,13 +8,7 @@ use portunus_store::{CertStorage, FsStorage, INTERNAL_CA_KEY};
 
 use crate::admin::call;
 use crate::config;
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
-}
+use crate::workers::runtime;
 
 fn when(secs: Option<u64>) -> String {
     secs.map(|s| {

@@ -31,7 +31,7 @@ pub fn count(configured: usize) -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
-/// A single-threaded runtime with I/O and timers.
+/// A single-threaded runtime with I/O and timers (each worker's, and the CLI commands').
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
