@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::conn::RequestGuard;
+use crate::conn::{BodyEnd, RequestGuard};
 use crate::upstream::ActiveGuard;
 
 pin_project_lite::pin_project! {
@@ -119,6 +119,8 @@ pin_project_lite::pin_project! {
         // A frame read ahead (before the upstream was contacted), given out first.
         first: Option<Frame<Bytes>>,
         done: bool,
+        // Told when the body has been read to its end.
+        end: Option<BodyEnd>,
     }
 }
 
@@ -143,6 +145,7 @@ pub(crate) enum BodyError {
 impl LimitedBody {
     pub(crate) fn new(
         inner: Incoming,
+        end: Option<BodyEnd>,
         limit: u64,
         gap: std::time::Duration,
         exceeded: std::sync::Arc<std::sync::atomic::AtomicU8>,
@@ -156,6 +159,7 @@ impl LimitedBody {
             exceeded,
             first: None,
             done: false,
+            end,
         }
     }
 
@@ -182,14 +186,14 @@ impl Body for LimitedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = self.project();
+        let mut this = self.project();
         if let Some(frame) = this.first.take() {
             return Poll::Ready(Some(Ok(frame)));
         }
         if *this.done {
             return Poll::Ready(None);
         }
-        match this.inner.poll_frame(cx) {
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     *this.seen += data.len() as u64;
@@ -200,6 +204,12 @@ impl Body for LimitedBody {
                     }
                 }
                 *this.timer = None;
+                // hyper's client stops asking once the body says it has ended.
+                if this.inner.is_end_stream()
+                    && let Some(end) = this.end.take()
+                {
+                    end.reached();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -207,7 +217,12 @@ impl Body for LimitedBody {
                     .store(CUT_MALFORMED, std::sync::atomic::Ordering::Relaxed);
                 Poll::Ready(Some(Err(BodyError::Client(e))))
             }
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                if let Some(end) = this.end.take() {
+                    end.reached();
+                }
+                Poll::Ready(None)
+            }
             Poll::Pending => match this
                 .timer
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep(*this.gap)))

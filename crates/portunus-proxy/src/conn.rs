@@ -39,6 +39,13 @@ pub(crate) struct Activity {
     in_flight: AtomicUsize,
     /// Whether request heads are tracked (HTTP/1 only: HTTP/2 sends frames all the time).
     track_heads: AtomicBool,
+    /// Requests whose end leaves hyper's HTTP/1 state where parking cannot follow: a request
+    /// body not yet read to its end, an upgrade.
+    park_blocks: AtomicUsize,
+    /// Everything answered has been written and flushed to the client.
+    flushed: AtomicBool,
+    /// Set by [`ParkableIo`] when the connection should be parked; taken by its driver.
+    park_now: AtomicBool,
 }
 
 impl Activity {
@@ -49,6 +56,9 @@ impl Activity {
             head_started: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             track_heads: AtomicBool::new(track_heads),
+            park_blocks: AtomicUsize::new(0),
+            flushed: AtomicBool::new(true),
+            park_now: AtomicBool::new(false),
         })
     }
 
@@ -77,10 +87,56 @@ impl Activity {
 
     /// Called when the service receives a request: it counts as in flight until the guard
     /// (held by the response body) is dropped.
-    pub(crate) fn begin_request(self: &Arc<Self>) -> RequestGuard {
+    ///
+    /// A request with a body not yet read (`body_pending`) keeps its HTTP/1 connection from
+    /// being parked until the [`BodyEnd`] of [`Activity::body_end`] says the body was read to
+    /// its end; an upgrade keeps it from being parked for good.
+    pub(crate) fn begin_request(
+        self: &Arc<Self>,
+        body_pending: bool,
+        upgrade: bool,
+    ) -> RequestGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.head_started.store(0, Ordering::Relaxed);
+        let blocks = usize::from(body_pending) + usize::from(upgrade);
+        if blocks > 0 {
+            self.park_blocks.fetch_add(blocks, Ordering::Relaxed);
+        }
         RequestGuard(Arc::clone(self))
+    }
+
+    /// The token of a request body announced to [`Activity::begin_request`] as pending.
+    pub(crate) fn body_end(self: &Arc<Self>) -> BodyEnd {
+        BodyEnd(Arc::clone(self))
+    }
+
+    /// Whether an HTTP/1 connection whose read just found nothing to read may be parked: no
+    /// request in flight or half read, everything answered flushed.
+    fn parkable(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+            && self.park_blocks.load(Ordering::Relaxed) == 0
+            && self.head_started.load(Ordering::Relaxed) == 0
+            && self.flushed.load(Ordering::Relaxed)
+    }
+
+    /// When the connection has been quiet for [`PARK_AFTER`].
+    fn park_deadline(&self) -> Instant {
+        self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + PARK_AFTER
+    }
+
+    /// Whether [`ParkableIo`] asked for the connection to be parked (and forgets the request).
+    pub(crate) fn take_park(&self) -> bool {
+        self.park_now.swap(false, Ordering::Relaxed)
+    }
+
+    /// A parked connection came back with bytes of a request head (`head`) or without. A
+    /// head starts the header-read timeout, and the connection is not parked again before the
+    /// request has arrived.
+    fn unparked(&self, head: bool) {
+        if head {
+            self.head_started
+                .store(self.now_ms().saturating_add(1), Ordering::Relaxed);
+        }
     }
 
     /// Waits until the connection has been idle for `idle`, or a request head has been
@@ -126,7 +182,153 @@ pub(crate) struct RequestGuard(Arc<Activity>);
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // The end of the answer may still sit in hyper's buffer.
+        self.0.flushed.store(false, Ordering::Relaxed);
         self.0.on_traffic(false);
+    }
+}
+
+/// Held by a request body until it has been read to its end: until then, the HTTP/1
+/// connection is not parked (hyper is still reading the body). A body dropped before its
+/// end never releases the connection (hyper then drains it or closes the connection).
+#[derive(Debug)]
+pub(crate) struct BodyEnd(Arc<Activity>);
+
+impl BodyEnd {
+    /// The body has been read to its end.
+    pub(crate) fn reached(self) {
+        self.0.park_blocks.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How long an HTTP/1 connection waits for its next request before it is parked: hyper's
+/// connection state and buffers (some 20 KiB) are freed, and only the socket is watched
+/// until the client sends again.
+pub(crate) const PARK_AFTER: Duration = Duration::from_millis(10);
+
+pin_project_lite::pin_project! {
+    /// The I/O of an HTTP/1 connection, as hyper sees it: first the bytes hyper had read but
+    /// not used when the connection was last parked, then the stream. When a read finds
+    /// nothing, the connection is [`Activity::parkable`] and has been quiet for
+    /// [`PARK_AFTER`], it asks its driver to park it (see [`Activity::take_park`]).
+    #[derive(Debug)]
+    pub(crate) struct ParkableIo<T> {
+        #[pin]
+        inner: T,
+        activity: Arc<Activity>,
+        prefix: bytes::Bytes,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<T> ParkableIo<T> {
+    pub(crate) fn new(inner: T, activity: Arc<Activity>) -> Self {
+        Self {
+            inner,
+            activity,
+            prefix: bytes::Bytes::new(),
+            timer: None,
+        }
+    }
+
+    /// Takes back the bytes hyper had read but not used when it gave the stream back; true
+    /// when there are none, and the connection can wait for its client with no buffer.
+    pub(crate) fn parked(&mut self, unread: bytes::Bytes) -> bool {
+        self.timer = None;
+        self.activity.unparked(!unread.is_empty());
+        // Even empty, hyper's bytes hold on to its whole read buffer.
+        self.prefix = if unread.is_empty() {
+            bytes::Bytes::new()
+        } else {
+            unread
+        };
+        self.prefix.is_empty()
+    }
+
+    pub(crate) fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for ParkableIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            if this.prefix.is_empty() {
+                // Let go of the buffer it was part of.
+                *this.prefix = bytes::Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        let polled = this.inner.poll_read(cx, buf);
+        if polled.is_pending() {
+            // hyper reads again only when woken: the timer wakes it once the connection has
+            // been quiet long enough, whatever was in flight when it last read.
+            let deadline = this.activity.park_deadline();
+            let timer = this
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                if this.activity.parkable() {
+                    this.activity.park_now.store(true, Ordering::Relaxed);
+                } else {
+                    // Busy (a slow request, a tunnel): look again later.
+                    timer.as_mut().reset(Instant::now() + PARK_AFTER);
+                    let _ = timer.as_mut().poll(cx);
+                }
+            }
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for ParkableIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        this.activity.flushed.store(false, Ordering::Relaxed);
+        this.inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        this.activity.flushed.store(false, Ordering::Relaxed);
+        this.inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    /// hyper flushes the stream only once its own buffer is empty: a flush that completes
+    /// after the last answer means all of it reached the stream.
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let polled = this.inner.poll_flush(cx);
+        if matches!(polled, Poll::Ready(Ok(()))) {
+            this.activity.flushed.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }
 
@@ -144,6 +346,10 @@ pin_project_lite::pin_project! {
 }
 
 impl<T> TrackedIo<T> {
+    pub(crate) fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
     pub(crate) fn new(inner: T, activity: Arc<Activity>, write_timeout: Duration) -> Self {
         Self {
             inner,
@@ -249,7 +455,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_fires_only_without_requests() {
         let a = Activity::new(true);
-        let guard = a.begin_request();
+        let guard = a.begin_request(false, false);
         let waiting = tokio::time::timeout(
             Duration::from_secs(5),
             a.expired(Duration::from_secs(1), Duration::from_secs(1)),

@@ -93,7 +93,10 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
     ctx: &ConnCtx,
 ) -> Response<ProxyBody> {
-    let guard = ctx.activity.begin_request();
+    let guard = ctx.activity.begin_request(
+        !req.body().is_end_stream(),
+        req.headers().contains_key(header::UPGRADE),
+    );
     let started = std::time::Instant::now();
     let method = req.method().clone();
     // Cheap: a `Uri` shares its bytes. Kept for error logs only.
@@ -451,8 +454,11 @@ async fn forward_to_site(
         && !websocket
         && pool.upstreams().len() > 1;
     let exceeded = Arc::new(std::sync::atomic::AtomicU8::new(0));
+    // Pairs with `begin_request`, which saw the same body pending.
+    let body_end = (!body.is_end_stream()).then(|| ctx.activity.body_end());
     let mut limited = LimitedBody::new(
         body,
+        body_end,
         max_body,
         table.timeouts.body_read,
         Arc::clone(&exceeded),

@@ -1,6 +1,7 @@
 //! The proxy: compiled sites, the upstream client, listeners and graceful shutdown.
 
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,9 +20,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, debug_span, info, warn};
 
-use crate::conn::{Activity, Expired, TrackedIo};
+use crate::conn::{Activity, Expired, ParkableIo, TrackedIo};
 use crate::error::{Error, Result};
 use crate::forward::{Action, ConnCtx, SiteInfo, Table, Target, UpstreamClient, handle};
 use crate::headers::ClientConn;
@@ -128,10 +129,34 @@ impl Proxy {
     }
 
     /// The proxy's metrics in the Prometheus text format: `portunus_requests_total`,
-    /// `portunus_request_duration_seconds` and `portunus_upstream_healthy`.
+    /// `portunus_request_duration_seconds`, `portunus_upstream_healthy`, and per listening
+    /// address `portunus_connections_open` and `portunus_connections_parked` (HTTP/1
+    /// connections waiting for their next request with their buffers freed).
     pub fn metrics_text(&self) -> String {
         let mut out = String::new();
         self.shared.metrics.render(&mut out);
+        let mut listeners: Vec<_> = lock(&self.shared.open)
+            .iter()
+            .filter_map(|(addr, limits)| Some((*addr, limits.upgrade()?)))
+            .collect();
+        listeners.sort_by_key(|(addr, _)| *addr);
+        for (name, help, count) in [
+            (
+                "portunus_connections_open",
+                "Client connections open, by listening address.",
+                (|l: &ConnLimits| lock(&l.open).0) as fn(&ConnLimits) -> usize,
+            ),
+            (
+                "portunus_connections_parked",
+                "HTTP/1 connections waiting for a request with their buffers freed.",
+                |l: &ConnLimits| l.parked.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (addr, limits) in &listeners {
+                let _ = writeln!(out, "{name}{{listener=\"{addr}\"}} {}", count(limits));
+            }
+        }
         out.push_str("# HELP portunus_upstream_healthy Whether an upstream is in service (passive health).\n");
         out.push_str("# TYPE portunus_upstream_healthy gauge\n");
         let mut seen = std::collections::HashSet::new();
@@ -210,6 +235,7 @@ impl Proxy {
                         continue;
                     };
                     let conn = Connection {
+                        slot,
                         shared: Arc::clone(&self.shared),
                         client: Arc::clone(&client),
                         ctx: Arc::new(ConnCtx {
@@ -223,15 +249,9 @@ impl Proxy {
                         }),
                         drain: drain.clone(),
                     };
-                    let span = info_span!("conn", %peer);
+                    let span = debug_span!("conn", %peer);
                     let tls = tls.clone();
-                    tracker.spawn(
-                        async move {
-                            let _slot = slot;
-                            conn.serve(stream, tls).await;
-                        }
-                        .instrument(span),
-                    );
+                    tracker.spawn(async move { conn.serve(stream, tls).await }.instrument(span));
                 }
                 Err(error) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -390,6 +410,8 @@ struct ConnLimits {
     total: usize,
     per_ip: usize,
     open: std::sync::Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>,
+    /// Of those, parked HTTP/1 connections.
+    parked: std::sync::atomic::AtomicUsize,
 }
 
 /// One admitted connection; released when dropped.
@@ -405,6 +427,7 @@ impl ConnLimits {
             total: total.max(1),
             per_ip: per_ip.max(1),
             open: std::sync::Mutex::new((0, std::collections::HashMap::new())),
+            parked: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -421,6 +444,23 @@ impl ConnLimits {
             limits: Arc::clone(self),
             ip,
         })
+    }
+}
+
+impl Slot {
+    /// Counts the connection as parked until the guard is dropped.
+    fn park(&self) -> impl Drop + '_ {
+        /// Decrements on drop.
+        struct Parked<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Parked<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        self.limits
+            .parked
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Parked(&self.limits.parked)
     }
 }
 
@@ -471,6 +511,8 @@ where
 
 /// One accepted client connection.
 struct Connection {
+    /// Its place under the listener's connection caps.
+    slot: Slot,
     shared: Arc<Shared>,
     client: Arc<UpstreamClient>,
     ctx: Arc<ConnCtx>,
@@ -482,9 +524,18 @@ impl Connection {
         let _ = stream.set_nodelay(true);
         let write_timeout = self.shared.table.load().timeouts.write;
         let io = TrackedIo::new(stream, Arc::clone(&self.ctx.activity), write_timeout);
-        let Some(acceptor) = tls else {
-            return self.serve_http1(io).await;
-        };
+        match tls {
+            None => {
+                let io = ParkableIo::new(io, Arc::clone(&self.ctx.activity));
+                self.serve_http1(io).await
+            }
+            // In its own allocation: inline, TLS state would make every plain connection's
+            // task as large (a parked connection is mostly its task).
+            Some(acceptor) => Box::pin(self.serve_tls(io, acceptor)).await,
+        }
+    }
+
+    async fn serve_tls(self, io: TrackedIo<TcpStream>, acceptor: TlsAcceptor) {
         let timeout = self.shared.table.load().timeouts.tls_handshake;
         let handshake = tokio::select! {
             result = tokio::time::timeout(timeout, acceptor.accept(io)) => result,
@@ -518,7 +569,10 @@ impl Connection {
                 self.ctx.activity.set_track_heads(false);
                 self.serve_http2(stream).await;
             }
-            _ => self.serve_http1(stream).await,
+            _ => {
+                let io = ParkableIo::new(stream, Arc::clone(&self.ctx.activity));
+                self.serve_http1(io).await;
+            }
         }
     }
 
@@ -547,19 +601,92 @@ impl Connection {
         })
     }
 
-    async fn serve_http1<I>(self, io: I)
-    where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let conn = http1::Builder::new()
+    /// Serves HTTP/1 requests until the connection closes or is parked: when it has been
+    /// quiet for [`PARK_AFTER`](crate::conn::PARK_AFTER) between requests, hyper's connection
+    /// (its state and buffers) is taken apart and freed, this task ends, and a small one
+    /// watches the socket until the client sends again (see [`Connection::park`]). Most of a
+    /// server's connections are idle keep-alive connections; parked, each costs little more
+    /// than its socket.
+    async fn serve_http1<I: ClientStream>(self, mut io: ParkableIo<I>) {
+        let service = self.service();
+        loop {
+            // In its own allocation, freed when the connection is parked.
+            let mut conn = Box::new(
+                self.http1()
+                    .serve_connection(TokioIo::new(io), service.clone())
+                    .with_upgrades(),
+            );
+            let ended = drive(
+                Pin::new(&mut *conn),
+                true,
+                &self.shared,
+                &self.ctx,
+                &self.drain,
+            )
+            .await;
+            if ended == Ended::Closed {
+                return;
+            }
+            let Some(parts) = (*conn).into_parts() else {
+                return;
+            };
+            io = parts.io.into_inner();
+            // Bytes hyper read but did not use (a request head cut short) go to the next run.
+            if io.parked(parts.read_buf) {
+                return self.park(io);
+            }
+        }
+    }
+
+    /// Waits in a task of its own, holding no buffer, until the client of a parked connection
+    /// sends again, then serves it in a new one; or closes the connection when it has been
+    /// idle too long or the server drains (which comes before the end of the drain time).
+    fn park<I: ClientStream>(self, mut io: ParkableIo<I>) {
+        let tracker = self.ctx.tracker.clone();
+        let waiting = async move {
+            // Only what is needed: this is most of a parked connection's memory.
+            let (idle, header_read) = {
+                let timeouts = &self.shared.table.load().timeouts;
+                (timeouts.idle, timeouts.header_read)
+            };
+            let parked = self.slot.park();
+            let resume = tokio::select! {
+                ready = io.get_ref().tcp().readable() => ready.is_ok(),
+                () = self.drain.cancelled() => false,
+                _ = self.ctx.activity.expired(idle, header_read) => false,
+            };
+            drop(parked);
+            if resume {
+                self.resume(io);
+            } else if !self.ctx.force.is_cancelled() {
+                let timeout = self.shared.table.load().timeouts.write;
+                let _ = tokio::time::timeout(timeout, tokio::io::AsyncWriteExt::shutdown(&mut io))
+                    .await;
+            }
+        };
+        tracker.spawn(waiting.instrument(tracing::Span::current()));
+    }
+
+    /// Serves a parked connection again, in a task of its own.
+    fn resume<I: ClientStream>(self, io: ParkableIo<I>) {
+        let tracker = self.ctx.tracker.clone();
+        // Boxed as a trait object: the task types of `park` and `resume` would contain each
+        // other.
+        let serving: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(self.serve_http1(io));
+        tracker.spawn(serving.instrument(tracing::Span::current()));
+    }
+
+    /// hyper's HTTP/1 settings (built for each run of a connection: a parked connection keeps
+    /// nothing it does not need).
+    fn http1(&self) -> http1::Builder {
+        let mut builder = http1::Builder::new();
+        builder
             .timer(TokioTimer::new())
             .header_read_timeout(None)
             .keep_alive(true)
             .max_headers(self.shared.max_headers)
-            .max_buf_size(self.shared.max_header_bytes.max(8192))
-            .serve_connection(TokioIo::new(io), self.service())
-            .with_upgrades();
-        drive(conn, &self.shared, &self.ctx, &self.drain).await;
+            .max_buf_size(self.shared.max_header_bytes.max(8192));
+        builder
     }
 
     async fn serve_http2<I>(self, io: I)
@@ -575,33 +702,55 @@ impl Connection {
             .max_pending_accept_reset_streams(Some(20))
             .max_local_error_reset_streams(Some(256))
             .serve_connection(TokioIo::new(io), self.service());
-        drive(conn, &self.shared, &self.ctx, &self.drain).await;
+        // In its own allocation, sized for HTTP/2: inline, every connection task would be
+        // this large.
+        let mut conn = Box::pin(conn);
+        drive(conn.as_mut(), false, &self.shared, &self.ctx, &self.drain).await;
     }
 }
 
-/// Runs a connection to completion, closing it when idle, when a request head is too slow,
-/// when the server drains (gracefully) or when the drain time is over (at once).
-///
-/// The connection lives in its own allocation, sized for its protocol: inline, every
-/// connection task would be as large as the largest protocol's state (idle connections are
-/// mostly this memory).
-async fn drive<C, E>(conn: C, shared: &Shared, ctx: &ConnCtx, drain: &CancellationToken)
+/// Why [`drive`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The connection is over.
+    Closed,
+    /// The HTTP/1 connection asked to be parked (see [`ParkableIo`]).
+    Parked,
+}
+
+/// Runs a connection until it ends (or, with `parks`, until it asks to be parked), closing
+/// it when idle, when a request head is too slow, when the server drains (gracefully) or
+/// when the drain time is over (at once).
+async fn drive<C, E>(
+    mut conn: Pin<&mut C>,
+    parks: bool,
+    shared: &Shared,
+    ctx: &ConnCtx,
+    drain: &CancellationToken,
+) -> Ended
 where
     C: Drain<Output = std::result::Result<(), E>>,
     E: std::fmt::Display,
 {
-    let mut conn = Box::pin(conn);
     let timeouts = shared.table.load().timeouts;
     let mut draining = false;
     let watchdog = ctx.activity.expired(timeouts.idle, timeouts.header_read);
     tokio::pin!(watchdog);
     loop {
         tokio::select! {
-            result = conn.as_mut() => {
+            result = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
+                std::task::Poll::Pending if parks && ctx.activity.take_park() => {
+                    std::task::Poll::Ready(None)
+                }
+                polled => polled.map(Some),
+            }) => {
+                let Some(result) = result else {
+                    return Ended::Parked;
+                };
                 if let Err(error) = result {
                     debug!(%error, "connection ended with an error");
                 }
-                return;
+                return Ended::Closed;
             }
             () = drain.cancelled(), if !draining => {
                 draining = true;
@@ -615,10 +764,27 @@ where
                 }
                 Expired::HeaderRead => {
                     debug!("request head timeout");
-                    return;
+                    return Ended::Closed;
                 }
             },
-            () = ctx.force.cancelled() => return,
+            () = ctx.force.cancelled() => return Ended::Closed,
         }
+    }
+}
+
+/// A client's stream, over TCP: its socket can be watched for bytes without reading them.
+trait ClientStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl ClientStream for TrackedIo<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref()
+    }
+}
+
+impl ClientStream for tokio_rustls::server::TlsStream<TrackedIo<TcpStream>> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0.get_ref()
     }
 }

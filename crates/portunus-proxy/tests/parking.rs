@@ -1,0 +1,264 @@
+//! Parked HTTP/1 connections: a keep-alive connection that has been quiet for a second gives
+//! its buffers back and is taken up again when its client sends, over plain TCP and TLS,
+//! with bodies, pipelined heads and WebSocket upgrades.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use portunus_proxy::{Proxy, ProxySettings, SiteSettings, server_config};
+use portunus_store::{CertResolver, LOCAL_LEAF_LIFETIME, LocalCa};
+use portunus_test_utils::{EchoServer, wait_until};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_util::sync::CancellationToken;
+
+struct Served {
+    addr: SocketAddr,
+    proxy: Proxy,
+    stop: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+    /// The root certificate clients trust, for TLS.
+    root: Option<String>,
+}
+
+impl Served {
+    /// `portunus_connections_parked` of the one listener.
+    fn parked(&self) -> usize {
+        let text = self.proxy.metrics_text();
+        let line = format!("portunus_connections_parked{{listener=\"{}\"}} ", self.addr);
+        text.lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no parked gauge in\n{text}"))
+    }
+
+    async fn connect(&self) -> Box<dyn Stream> {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        match &self.root {
+            None => Box::new(tcp),
+            Some(root) => {
+                let config = portunus_test_utils::tls::trusting(root, &[b"http/1.1"]);
+                let name = rustls::pki_types::ServerName::try_from("a.test").unwrap();
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await
+                    .unwrap();
+                Box::new(tls)
+            }
+        }
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A proxy for `a.test` in front of `upstream`, over TLS (a local-CA certificate) or not.
+async fn serve(upstream: &EchoServer, tls: bool) -> Served {
+    let site = SiteSettings::new("a", ["a.test"])
+        .upstreams([upstream.url()])
+        .tls(tls);
+    let proxy = Proxy::new(ProxySettings::new().site(site)).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let (p, s) = (proxy.clone(), stop.clone());
+    let (config, root) = if tls {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let ca = LocalCa::generate().unwrap();
+        let resolver = Arc::new(CertResolver::new());
+        let key = ca
+            .issue(&["a.test".to_owned()], LOCAL_LEAF_LIFETIME)
+            .unwrap()
+            .certified_key(&provider, "a.test")
+            .unwrap();
+        resolver.insert("a.test", key);
+        proxy.set_resolver(Arc::clone(&resolver));
+        let config = server_config(resolver, provider).unwrap();
+        (Some(config), Some(ca.root_pem().to_owned()))
+    } else {
+        (None, None)
+    };
+    let done = tokio::spawn(async move {
+        let stopped = s.cancelled_owned();
+        match config {
+            Some(config) => p.serve_tls(listener, config, stopped).await.unwrap(),
+            None => p.serve(listener, stopped).await.unwrap(),
+        }
+    });
+    Served {
+        addr,
+        proxy,
+        stop,
+        done,
+        root,
+    }
+}
+
+async fn json(res: http::Response<hyper::body::Incoming>) -> serde_json::Value {
+    assert_eq!(res.status(), 200);
+    serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap()
+}
+
+/// One keep-alive connection through quiet spells: a GET, parked; a POST with a body,
+/// parked again; a WebSocket upgrade, never parked while it tunnels.
+async fn quiet_session(served: &Served, upstream: &EchoServer) {
+    let parked_soon = || wait_until(Duration::from_secs(5), || served.parked() == 1);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(
+        served.connect().await,
+    ))
+    .await
+    .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    let request = |method: &str, path: &str, body: &'static str| {
+        http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "a.test")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    };
+
+    let doc = json(
+        sender
+            .send_request(request("GET", "/first", ""))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(doc["path"], "/first");
+    assert!(parked_soon().await, "a quiet connection is parked");
+
+    let doc = json(
+        sender
+            .send_request(request("POST", "/second", "a body after parking"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(doc["body_len"], 20);
+    assert_eq!(served.parked(), 0, "taken up again by its request");
+    assert!(parked_soon().await, "parked again after a body");
+
+    let mut upgrade = request("GET", "/ws", "");
+    for (name, value) in [
+        ("connection", "upgrade"),
+        ("upgrade", "websocket"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ] {
+        upgrade
+            .headers_mut()
+            .insert(name, http::HeaderValue::from_static(value));
+    }
+    let res = sender.send_request(upgrade).await.unwrap();
+    assert_eq!(res.status(), 101);
+    let upgraded = hyper::upgrade::on(res).await.unwrap();
+    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+    for round in 0..2 {
+        let text = format!("round {round}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(text));
+        // Quiet, but a tunnel: not parked.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(served.parked(), 0, "a tunnel is never parked");
+    }
+    assert_eq!(upstream.seen().len(), 3);
+}
+
+#[tokio::test]
+async fn quiet_connections_are_parked_and_taken_up_again() {
+    let up = EchoServer::start("up").await.unwrap();
+    let served = serve(&up, false).await;
+    quiet_session(&served, &up).await;
+}
+
+#[tokio::test]
+async fn quiet_tls_connections_are_parked_and_taken_up_again() {
+    let up = EchoServer::start("up").await.unwrap();
+    let served = serve(&up, true).await;
+    quiet_session(&served, &up).await;
+}
+
+/// Reads until `needle` has arrived (or 5 s passed); returns what was read.
+async fn read_until(stream: &mut (impl AsyncRead + Unpin), needle: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn a_pipelined_head_cut_by_a_quiet_spell_is_kept() {
+    let up = EchoServer::start("up").await.unwrap();
+    let served = serve(&up, false).await;
+    let mut s = TcpStream::connect(served.addr).await.unwrap();
+    s.write_all(b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\nGET /two HTTP/1.1\r\nHost: a.t")
+        .await
+        .unwrap();
+    let first = read_until(&mut s, "\"/one\"").await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    // Longer than the park delay: hyper hands back the half head with the socket.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    s.write_all(b"est\r\n\r\n").await.unwrap();
+    let second = read_until(&mut s, "\"/two\"").await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    assert_eq!(up.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn parked_connections_close_at_once_on_shutdown() {
+    let up = EchoServer::start("up").await.unwrap();
+    let served = serve(&up, false).await;
+    let mut s = TcpStream::connect(served.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_until(&mut s, "\"server\"")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    assert!(wait_until(Duration::from_secs(5), || served.parked() == 1).await);
+    served.stop.cancel();
+    // The default drain time is far longer: a parked connection does not wait for it.
+    tokio::time::timeout(Duration::from_secs(3), served.done)
+        .await
+        .expect("serving ends without waiting out the drain time")
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "closed cleanly: {closed:?}");
+}
+
+#[tokio::test]
+async fn a_connection_is_parked_after_a_slow_request_too() {
+    let up = EchoServer::start("up").await.unwrap();
+    let served = serve(&up, false).await;
+    let mut s = TcpStream::connect(served.addr).await.unwrap();
+    // Silent for longer than the park delay while the upstream thinks.
+    s.write_all(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_until(&mut s, "\"/slow\"")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    assert!(wait_until(Duration::from_secs(5), || served.parked() == 1).await);
+}
