@@ -358,6 +358,28 @@ async fn metrics_count_what_was_sent_and_parse() {
     );
     assert_eq!(get(metrics_addr, "x", "/status").await.unwrap().status, 404);
 
+    // A keep-alive connection left idle is open, and parked once quiet.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut idle, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    let reply = portunus_test_utils::read_until(&mut idle, "\"server\"").await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let gauges = [
+        format!("portunus_connections_open{{listener=\"{addr}\"}} 1\n"),
+        format!("portunus_connections_parked{{listener=\"{addr}\"}} 1\n"),
+    ];
+    let mut last = String::new();
+    for _ in 0..50 {
+        last = admin_get(admin, "/metrics").await.1;
+        if gauges.iter().all(|g| last.contains(g.as_str())) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gauges.iter().all(|g| last.contains(g.as_str())), "{last}");
+    drop(idle);
+
     // The access log has one JSON line per request.
     assert!(
         wait_until(Duration::from_secs(5), || std::fs::read_to_string(&access)

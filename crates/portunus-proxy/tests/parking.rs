@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use portunus_proxy::{Proxy, ProxySettings, SiteSettings, server_config};
 use portunus_store::{CertResolver, LOCAL_LEAF_LIFETIME, LocalCa};
-use portunus_test_utils::{EchoServer, wait_until};
+use portunus_test_utils::{EchoServer, read_until, wait_until};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::WebSocketStream;
@@ -187,20 +187,6 @@ async fn quiet_tls_connections_are_parked_and_taken_up_again() {
     let up = EchoServer::start("up").await.unwrap();
     let served = serve(&up, true).await;
     quiet_session(&served, &up).await;
-}
-
-/// Reads until `needle` has arrived (or 5 s passed); returns what was read.
-async fn read_until(stream: &mut (impl AsyncRead + Unpin), needle: &str) -> String {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !String::from_utf8_lossy(&got).contains(needle) {
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&got).into_owned()
 }
 
 #[tokio::test]

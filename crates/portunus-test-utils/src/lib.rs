@@ -528,6 +528,22 @@ pub async fn exchange(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<String>
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// Reads from `stream` until what was read contains `needle`, the peer closes, or 5 s pass;
+/// returns what was read.
+pub async fn read_until(stream: &mut (impl tokio::io::AsyncRead + Unpin), needle: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 /// `GET path` with `Host: host` over a new connection.
 pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Result<Reply, String> {
     request(addr, "GET", host, path, &[], Bytes::new()).await
