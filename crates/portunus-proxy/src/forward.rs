@@ -1,9 +1,12 @@
 //! Request handling: routing, static answers, forwarding with retries, WebSocket tunnels.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
+use futures_util::future;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
@@ -87,12 +90,17 @@ pub(crate) struct ConnCtx {
 }
 
 /// Handles one request end to end; never fails: errors become their HTTP answer.
-pub(crate) async fn handle(
+///
+/// Everything that needs no waiting (checks, routing, header rewriting) is done before the
+/// future is returned, and the future holds only what the wait needs: it is moved into
+/// hyper's request slot (and, over HTTP/2, into a task) for every request, so its size is
+/// paid per request.
+pub(crate) fn handle(
     table: Arc<Table>,
-    client: &UpstreamClient,
+    client: Arc<UpstreamClient>,
     req: Request<Incoming>,
-    ctx: &ConnCtx,
-) -> Response<ProxyBody> {
+    ctx: Arc<ConnCtx>,
+) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
     let guard = ctx.activity.begin_request(
         !req.body().is_end_stream(),
         req.headers().contains_key(header::UPGRADE),
@@ -103,35 +111,44 @@ pub(crate) async fn handle(
     let uri = req.uri().clone();
     // The access log's fields are gathered only when something listens to them.
     let access = tracing::enabled!(target: "portunus::access", tracing::Level::INFO)
-        .then(|| AccessFields::of(&req));
+        .then(|| Box::new(AccessFields::of(&req)));
     let mut site = None;
-    let response = match route(&table, client, req, ctx, &mut site).await {
-        Ok(response) => response,
-        Err(error) => {
-            match error.side() {
-                crate::error::Side::Upstream => {
-                    warn!(peer = %ctx.peer, %method, path = %uri.path(), error = %error, cause = ?std::error::Error::source(&error), "upstream error")
-                }
-                crate::error::Side::Downstream => {
-                    debug!(peer = %ctx.peer, %method, path = %uri.path(), error = %error, "request refused")
-                }
-            }
-            error_response(&error)
+    let pending = match route(&table, req, &ctx, &mut site) {
+        Ok(Routed::Forward(forward)) => {
+            future::Either::Right(send(Arc::clone(&table), client, Arc::clone(&ctx), forward))
         }
+        Ok(Routed::Answer(response)) => future::Either::Left(future::ready(Ok(response))),
+        Err(error) => future::Either::Left(future::ready(Err(error))),
     };
-    let elapsed = started.elapsed();
-    let site = site.and_then(|i| table.sites.get(i));
-    site.map_or(&table.unknown, |s| &s.metrics)
-        .record(response.status().as_u16(), elapsed);
-    if let Some(access) = access {
-        access.log(
-            ctx,
-            &response,
-            site.map_or("-", |s| s.label.as_str()),
-            elapsed,
-        );
-    }
-    response.map(|body| body.with_request_guard(guard))
+    pending.map(move |result| {
+        let response = match result {
+            Ok(response) => response,
+            Err(error) => {
+                match error.side() {
+                    crate::error::Side::Upstream => {
+                        warn!(peer = %ctx.peer, %method, path = %uri.path(), error = %error, cause = ?std::error::Error::source(&error), "upstream error")
+                    }
+                    crate::error::Side::Downstream => {
+                        debug!(peer = %ctx.peer, %method, path = %uri.path(), error = %error, "request refused")
+                    }
+                }
+                error_response(&error)
+            }
+        };
+        let elapsed = started.elapsed();
+        let site = site.and_then(|i| table.sites.get(i));
+        site.map_or(&table.unknown, |s| &s.metrics)
+            .record(response.status().as_u16(), elapsed);
+        if let Some(access) = access {
+            access.log(
+                &ctx,
+                &response,
+                site.map_or("-", |s| s.label.as_str()),
+                elapsed,
+            );
+        }
+        response.map(|body| body.with_request_guard(guard))
+    })
 }
 
 /// What the access log needs of a request, taken before it is consumed.
@@ -233,13 +250,24 @@ fn request_host(req: &Request<Incoming>) -> Option<&str> {
     host.to_str().ok().filter(|h| !h.is_empty())
 }
 
-async fn route(
+/// What routing decided.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "lives only between routing and sending; boxing would allocate per request"
+)]
+enum Routed {
+    /// Answered here: a challenge, a redirect.
+    Answer(Response<ProxyBody>),
+    /// To be answered by the site's route target.
+    Forward(Forward),
+}
+
+fn route(
     table: &Table,
-    client: &UpstreamClient,
     req: Request<Incoming>,
     ctx: &ConnCtx,
     site_out: &mut Option<usize>,
-) -> Result<Response<ProxyBody>, RequestError> {
+) -> Result<Routed, RequestError> {
     if req.method() == Method::CONNECT {
         return Err(RequestError::Connect);
     }
@@ -277,7 +305,10 @@ async fn route(
         (ctx.client.tls, challenge_token, &table.challenges)
         && let Some(answer) = challenges.http01(token)
     {
-        return Ok(text_response(StatusCode::OK, Bytes::from(answer)));
+        return Ok(Routed::Answer(text_response(
+            StatusCode::OK,
+            Bytes::from(answer),
+        )));
     }
     let host = request_host(&req)
         .ok_or(RequestError::MissingHost)?
@@ -292,21 +323,17 @@ async fn route(
         && challenge_token.is_none()
         && site.is_some_and(|s| s.tls && s.https_redirect)
     {
-        return Ok(redirect_to_https(&host, req.uri(), table.https_port));
+        return Ok(Routed::Answer(redirect_to_https(
+            &host,
+            req.uri(),
+            table.https_port,
+        )));
     }
     if ctx.client.tls && !connection_covers(ctx, &host) {
         return Err(RequestError::Misdirected);
     }
     let hsts = site.filter(|_| ctx.client.tls).and_then(|s| s.hsts.clone());
-    let mut response =
-        forward_to_site(table, client, req, ctx, &host, site_index, websocket).await?;
-    if let Some(hsts) = hsts {
-        response
-            .headers_mut()
-            .entry(header::STRICT_TRANSPORT_SECURITY)
-            .or_insert(hsts);
-    }
-    Ok(response)
+    prepare(table, req, ctx, &host, site_index, websocket, hsts)
 }
 
 /// Whether the certificate of this TLS connection covers `host`: the host is the SNI, or
@@ -398,25 +425,51 @@ fn redirect_to_https(host: &str, uri: &Uri, https_port: u16) -> Response<ProxyBo
     response
 }
 
-/// Routes within a site and forwards (or answers).
-async fn forward_to_site(
+/// A request for an upstream pool, checked and rewritten, waiting to be sent.
+struct Forward {
+    target: Arc<Target>,
+    method: Method,
+    /// The client's URI, for its path (less `strip`) and query.
+    uri: Uri,
+    strip: usize,
+    headers: http::HeaderMap,
+    /// Taken by the first attempt (a retry is only allowed without a body).
+    body: Option<LimitedBody>,
+    /// Set by `body` when it cuts the request body off.
+    exceeded: Arc<std::sync::atomic::AtomicU8>,
+    max_body: u64,
+    retry_allowed: bool,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    hsts: Option<HeaderValue>,
+}
+
+/// Routes within a site: a static answer, or the request rewritten for the route's pool.
+fn prepare(
     table: &Table,
-    client: &UpstreamClient,
     mut req: Request<Incoming>,
     ctx: &ConnCtx,
     host: &str,
     site_index: usize,
     websocket: bool,
-) -> Result<Response<ProxyBody>, RequestError> {
+    hsts: Option<HeaderValue>,
+) -> Result<Routed, RequestError> {
     let matched = table
         .router
         .route(site_index, req.uri().path())
         .ok_or(RequestError::NoRoute)?;
     let target = Arc::clone(matched.target);
-    let prefix_len = matched.prefix.len();
-
+    let strip = if target.strip_prefix {
+        matched.prefix.len()
+    } else {
+        0
+    };
     let pool = match &target.action {
-        Action::Respond { status, body } => return Ok(text_response(*status, body.clone())),
+        Action::Respond { status, body } => {
+            return Ok(Routed::Answer(with_hsts(
+                text_response(*status, body.clone()),
+                hsts,
+            )));
+        }
         Action::Forward(pool) => pool,
     };
 
@@ -431,13 +484,6 @@ async fn forward_to_site(
     }
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let path = parts.uri.path();
-    let rest = if target.strip_prefix {
-        path.get(prefix_len..).unwrap_or("")
-    } else {
-        path
-    };
-    let query = parts.uri.query();
 
     let mut headers = parts.headers;
     let upgrade_value = headers.get(header::UPGRADE).cloned();
@@ -448,7 +494,7 @@ async fn forward_to_site(
         headers.insert(header::UPGRADE, upgrade);
     }
 
-    // A retry needs the headers again: copy them only when another upstream could take it.
+    // A retry needs the headers again: copied only when another upstream could take it.
     let retry_allowed = is_idempotent(&parts.method)
         && body.is_end_stream()
         && !websocket
@@ -456,21 +502,61 @@ async fn forward_to_site(
     let exceeded = Arc::new(std::sync::atomic::AtomicU8::new(0));
     // Pairs with `begin_request`, which saw the same body pending.
     let body_end = (!body.is_end_stream()).then(|| ctx.activity.body_end());
-    let mut limited = LimitedBody::new(
+    let body = LimitedBody::new(
         body,
         body_end,
         max_body,
         table.timeouts.body_read,
         Arc::clone(&exceeded),
     );
-    if let Err(error) = limited.read_ahead().await {
+    Ok(Routed::Forward(Forward {
+        target,
+        method: parts.method,
+        uri: parts.uri,
+        strip,
+        headers,
+        body: Some(body),
+        exceeded,
+        max_body,
+        retry_allowed,
+        client_upgrade,
+        hsts,
+    }))
+}
+
+/// Adds the site's HSTS header unless the answer has its own.
+fn with_hsts(mut response: Response<ProxyBody>, hsts: Option<HeaderValue>) -> Response<ProxyBody> {
+    if let Some(hsts) = hsts {
+        response
+            .headers_mut()
+            .entry(header::STRICT_TRANSPORT_SECURITY)
+            .or_insert(hsts);
+    }
+    response
+}
+
+/// Sends a prepared request to its pool, retrying where that is safe.
+async fn send(
+    table: Arc<Table>,
+    client: Arc<UpstreamClient>,
+    ctx: Arc<ConnCtx>,
+    mut forward: Forward,
+) -> Result<Response<ProxyBody>, RequestError> {
+    let Action::Forward(pool) = &forward.target.action else {
+        return Err(RequestError::NoRoute);
+    };
+    if let Some(body) = &mut forward.body
+        && let Err(error) = body.read_ahead().await
+    {
         return Err(match error {
             BodyError::TooLarge(n) => RequestError::TooLarge(n),
             BodyError::Stalled(_) => RequestError::BodyTimeout,
             BodyError::Client(_) => RequestError::BadBody,
         });
     }
-    let mut body = Some(limited);
+    let path = forward.uri.path();
+    let rest = path.get(forward.strip..).unwrap_or("");
+    let query = forward.uri.query();
     let mut tried = 0u64;
     let mut last_error = None;
     loop {
@@ -481,17 +567,17 @@ async fn forward_to_site(
             .checked_shl(u32::try_from(index).unwrap_or(u32::MAX))
             .unwrap_or(0);
         let uri = upstream_uri(upstream, rest, query)?;
-        let mut upstream_req = Request::new(match body.take() {
+        let mut upstream_req = Request::new(match forward.body.take() {
             Some(b) => Either::Left(b),
             None => Either::Right(Empty::new()),
         });
-        *upstream_req.method_mut() = parts.method.clone();
+        *upstream_req.method_mut() = forward.method.clone();
         *upstream_req.uri_mut() = uri;
         *upstream_req.version_mut() = Version::HTTP_11;
-        *upstream_req.headers_mut() = if retry_allowed {
-            headers.clone()
+        *upstream_req.headers_mut() = if forward.retry_allowed {
+            forward.headers.clone()
         } else {
-            std::mem::take(&mut headers)
+            std::mem::take(&mut forward.headers)
         };
 
         let guard = ActiveGuard::new(Arc::clone(upstream));
@@ -505,7 +591,8 @@ async fn forward_to_site(
             }
             Ok(Ok(response)) => {
                 pool.mark_ok(upstream);
-                return Ok(finish_response(response, guard, client_upgrade, ctx));
+                let response = finish_response(response, guard, forward.client_upgrade, &ctx);
+                return Ok(with_hsts(response, forward.hsts));
             }
             Ok(Err(e)) if e.is_connect() => RequestError::NoUpstream(Some(e)),
             Ok(Err(e)) => RequestError::UpstreamFailed(e),
@@ -513,14 +600,14 @@ async fn forward_to_site(
         if matches!(error, RequestError::NoUpstream(_)) {
             pool.mark_failed(upstream);
         }
-        match exceeded.load(std::sync::atomic::Ordering::Relaxed) {
-            CUT_TOO_LARGE => return Err(RequestError::TooLarge(max_body)),
+        match forward.exceeded.load(std::sync::atomic::Ordering::Relaxed) {
+            CUT_TOO_LARGE => return Err(RequestError::TooLarge(forward.max_body)),
             CUT_STALLED => return Err(RequestError::BodyTimeout),
             CUT_MALFORMED => return Err(RequestError::BadBody),
             _ => {}
         }
         debug!(upstream = %upstream.url, error = %error, cause = ?std::error::Error::source(&error), "upstream attempt failed");
-        if !(retry_allowed && error.is_retryable()) {
+        if !(forward.retry_allowed && error.is_retryable()) {
             return Err(error);
         }
         last_error = match error {

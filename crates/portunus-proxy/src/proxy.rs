@@ -597,7 +597,7 @@ impl Connection {
                 Arc::clone(&ctx),
                 Arc::clone(&client),
             );
-            async move { Ok::<_, Infallible>(handle(table, &client, req, &ctx).await) }
+            futures_util::FutureExt::map(handle(table, client, req, ctx), Ok::<_, Infallible>)
         })
     }
 
