@@ -305,13 +305,19 @@ impl Shared {
                         .pool_timer(TokioTimer::new())
                         .timer(TokioTimer::new())
                         .pool_idle_timeout(Duration::from_secs(90))
-                        .pool_max_idle_per_host(1024)
+                        // Each idle upstream connection holds some 40 KiB in hyper-util
+                        // (buffers, dispatch channel, task): after a burst, keep what steady
+                        // load reuses, not one per request of the burst (Caddy keeps 32).
+                        .pool_max_idle_per_host(UPSTREAM_IDLE_PER_HOST)
                         .build(connector),
                 )
             })
             .clone()
     }
 }
+
+/// Idle keep-alive connections kept per upstream and worker.
+const UPSTREAM_IDLE_PER_HOST: usize = 64;
 
 /// Locks `m`, ignoring poisoning: the counts and maps it guards stay usable.
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

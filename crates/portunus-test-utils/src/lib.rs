@@ -117,6 +117,14 @@ impl EchoServer {
         self.seen.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// Connections accepted and not yet closed.
+    pub fn open_connections(&self) -> usize {
+        self.conns
+            .lock()
+            .map(|c| c.iter().filter(|h| !h.is_finished()).count())
+            .unwrap_or(0)
+    }
+
     /// Stops listening and closes every connection.
     pub fn stop(&self) {
         self.task.abort();
