@@ -39,9 +39,10 @@ pub(crate) struct Activity {
     in_flight: AtomicUsize,
     /// Whether request heads are tracked (HTTP/1 only: HTTP/2 sends frames all the time).
     track_heads: AtomicBool,
-    /// Requests whose end leaves hyper's HTTP/1 state where parking cannot follow: a request
-    /// body not yet read to its end, an upgrade.
+    /// Request bodies not yet read to their end: hyper is still reading them.
     park_blocks: AtomicUsize,
+    /// The connection was upgraded (a WebSocket): never parked.
+    upgraded: AtomicBool,
     /// Everything answered has been written and flushed to the client.
     flushed: AtomicBool,
     /// Set by [`ParkableIo`] when the connection should be parked; taken by its driver.
@@ -57,6 +58,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             track_heads: AtomicBool::new(track_heads),
             park_blocks: AtomicUsize::new(0),
+            upgraded: AtomicBool::new(false),
             flushed: AtomicBool::new(true),
             park_now: AtomicBool::new(false),
         })
@@ -98,9 +100,11 @@ impl Activity {
     ) -> RequestGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.head_started.store(0, Ordering::Relaxed);
-        let blocks = usize::from(body_pending) + usize::from(upgrade);
-        if blocks > 0 {
-            self.park_blocks.fetch_add(blocks, Ordering::Relaxed);
+        if body_pending {
+            self.park_blocks.fetch_add(1, Ordering::Relaxed);
+        }
+        if upgrade {
+            self.upgraded.store(true, Ordering::Relaxed);
         }
         RequestGuard(Arc::clone(self))
     }
@@ -113,7 +117,8 @@ impl Activity {
     /// Whether an HTTP/1 connection whose read just found nothing to read may be parked: no
     /// request in flight or half read, everything answered flushed.
     fn parkable(&self) -> bool {
-        self.in_flight.load(Ordering::Relaxed) == 0
+        !self.upgraded.load(Ordering::Relaxed)
+            && self.in_flight.load(Ordering::Relaxed) == 0
             && self.park_blocks.load(Ordering::Relaxed) == 0
             && self.head_started.load(Ordering::Relaxed) == 0
             && self.flushed.load(Ordering::Relaxed)
@@ -206,6 +211,11 @@ impl BodyEnd {
 /// until the client sends again.
 pub(crate) const PARK_AFTER: Duration = Duration::from_millis(10);
 
+/// The longest wait between two looks at a connection that could not be parked when it had
+/// been quiet for long enough (a slow upstream, a body still arriving): the waits double from
+/// [`PARK_AFTER`] up to this.
+const PARK_RETRY_MAX: Duration = Duration::from_secs(1);
+
 pin_project_lite::pin_project! {
     /// The I/O of an HTTP/1 connection, as hyper sees it: first the bytes hyper had read but
     /// not used when the connection was last parked, then the stream. When a read finds
@@ -218,6 +228,10 @@ pin_project_lite::pin_project! {
         activity: Arc<Activity>,
         prefix: bytes::Bytes,
         timer: Option<Pin<Box<tokio::time::Sleep>>>,
+        // The quiet deadline the timer was last set from (it moves with traffic), and the
+        // wait before the next look while the connection cannot be parked.
+        armed_for: Option<Instant>,
+        retry: Duration,
     }
 }
 
@@ -228,6 +242,8 @@ impl<T> ParkableIo<T> {
             activity,
             prefix: bytes::Bytes::new(),
             timer: None,
+            armed_for: None,
+            retry: PARK_AFTER,
         }
     }
 
@@ -235,6 +251,7 @@ impl<T> ParkableIo<T> {
     /// when there are none, and the connection can wait for its client with no buffer.
     pub(crate) fn parked(&mut self, unread: bytes::Bytes) -> bool {
         self.timer = None;
+        self.armed_for = None;
         self.activity.unparked(!unread.is_empty());
         // Even empty, hyper's bytes hold on to its whole read buffer.
         self.prefix = if unread.is_empty() {
@@ -267,22 +284,28 @@ impl<T: AsyncRead> AsyncRead for ParkableIo<T> {
             return Poll::Ready(Ok(()));
         }
         let polled = this.inner.poll_read(cx, buf);
-        if polled.is_pending() {
-            // hyper reads again only when woken: the timer wakes it once the connection has
-            // been quiet long enough, whatever was in flight when it last read.
-            let deadline = this.activity.park_deadline();
+        // hyper reads again only when woken: the timer wakes it once the connection has been
+        // quiet long enough, whatever was in flight when it last read. A tunnel never parks,
+        // and is never woken for it.
+        if polled.is_pending() && !this.activity.upgraded.load(Ordering::Relaxed) {
+            let quiet = this.activity.park_deadline();
             let timer = this
                 .timer
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-            if timer.deadline() != deadline {
-                timer.as_mut().reset(deadline);
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(quiet)));
+            if *this.armed_for != Some(quiet) {
+                // Traffic since the timer was set: the quiet time counts from it.
+                *this.armed_for = Some(quiet);
+                *this.retry = PARK_AFTER;
+                timer.as_mut().reset(quiet);
             }
             if timer.as_mut().poll(cx).is_ready() {
                 if this.activity.parkable() {
                     this.activity.park_now.store(true, Ordering::Relaxed);
                 } else {
-                    // Busy (a slow request, a tunnel): look again later.
-                    timer.as_mut().reset(Instant::now() + PARK_AFTER);
+                    // Busy (a slow upstream, a body still arriving): look again, less and less
+                    // often.
+                    *this.retry = (*this.retry * 2).min(PARK_RETRY_MAX);
+                    timer.as_mut().reset(Instant::now() + *this.retry);
                     let _ = timer.as_mut().poll(cx);
                 }
             }
@@ -472,6 +495,46 @@ mod tests {
             .await;
         assert_eq!(got, Expired::Idle);
         assert!(started.elapsed() >= Duration::from_millis(990));
+    }
+
+    /// Counts how often a connection waiting to read is woken by its park timer over `span`,
+    /// polling it only when woken (as hyper does), with a request in flight all along.
+    async fn park_wakes(upgrade: bool, span: Duration) -> usize {
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let activity = Activity::new(true);
+        let _in_flight = activity.begin_request(false, upgrade);
+        let (_client, server) = tokio::io::duplex(64);
+        let mut io = Box::pin(ParkableIo::new(server, Arc::clone(&activity)));
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        let mut buf = [0u8; 16];
+        let end = Instant::now() + span;
+        let mut polled_at = usize::MAX;
+        while Instant::now() < end {
+            let woken = count.0.load(Ordering::Relaxed);
+            if woken != polled_at {
+                polled_at = woken;
+                let mut read = ReadBuf::new(&mut buf);
+                assert!(io.as_mut().poll_read(&mut cx, &mut read).is_pending());
+                assert!(!activity.take_park(), "a request is in flight");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        count.0.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn busy_connections_are_looked_at_less_and_less_and_tunnels_never() {
+        // 10, 20, 40 ... ms, then once a second: about a dozen looks in 5 s, not 500.
+        let busy = park_wakes(false, Duration::from_secs(5)).await;
+        assert!((5..=15).contains(&busy), "{busy} wake-ups");
+        assert_eq!(park_wakes(true, Duration::from_secs(5)).await, 0);
     }
 
     #[tokio::test(start_paused = true)]
