@@ -305,9 +305,10 @@ impl Shared {
                         .pool_timer(TokioTimer::new())
                         .timer(TokioTimer::new())
                         .pool_idle_timeout(Duration::from_secs(90))
-                        // Each idle upstream connection holds some 40 KiB in hyper-util
-                        // (buffers, dispatch channel, task): after a burst, keep what steady
-                        // load reuses, not one per request of the burst (Caddy keeps 32).
+                        // As many as nginx's and Caddy's `keepalive 1024` in the peer
+                        // benchmarks: 64 made HTTP/2 load with 500 streams in flight open a
+                        // new upstream connection every six requests. Each idle one holds
+                        // some 40 KiB in hyper-util (BENCHMARKS.md, idle connections).
                         .pool_max_idle_per_host(UPSTREAM_IDLE_PER_HOST)
                         .build(connector),
                 )
@@ -317,7 +318,7 @@ impl Shared {
 }
 
 /// Idle keep-alive connections kept per upstream and worker.
-const UPSTREAM_IDLE_PER_HOST: usize = 64;
+const UPSTREAM_IDLE_PER_HOST: usize = 1024;
 
 /// Locks `m`, ignoring poisoning: the counts and maps it guards stay usable.
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
