@@ -124,9 +124,14 @@ impl Activity {
             && self.flushed.load(Ordering::Relaxed)
     }
 
+    /// When the connection will have been without traffic for `idle`.
+    pub(crate) fn idle_deadline(&self, idle: Duration) -> Instant {
+        self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle
+    }
+
     /// When the connection has been quiet for [`PARK_AFTER`].
     fn park_deadline(&self) -> Instant {
-        self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + PARK_AFTER
+        self.idle_deadline(PARK_AFTER)
     }
 
     /// Whether [`ParkableIo`] asked for the connection to be parked (and forgets the request).

@@ -651,16 +651,17 @@ impl Connection {
     fn park<I: ClientStream>(self, mut io: ParkableIo<I>) {
         let tracker = self.ctx.tracker.clone();
         let waiting = async move {
-            // Only what is needed: this is most of a parked connection's memory.
-            let (idle, header_read) = {
-                let timeouts = &self.shared.table.load().timeouts;
-                (timeouts.idle, timeouts.header_read)
-            };
+            // Only what is needed: this is most of a parked connection's memory. Nothing is
+            // read while parked, so only the idle timeout can expire, at a fixed time.
+            let idle = self
+                .ctx
+                .activity
+                .idle_deadline(self.shared.table.load().timeouts.idle);
             let parked = self.slot.park();
             let resume = tokio::select! {
                 ready = io.get_ref().tcp().readable() => ready.is_ok(),
                 () = self.drain.cancelled() => false,
-                _ = self.ctx.activity.expired(idle, header_read) => false,
+                () = tokio::time::sleep_until(idle) => false,
             };
             drop(parked);
             if resume {
