@@ -189,20 +189,23 @@ async fn quiet_tls_connections_are_parked_and_taken_up_again() {
     quiet_session(&served, &up).await;
 }
 
+/// Writes `bytes` on `s` and reads until `until` has come back.
+async fn send(s: &mut TcpStream, bytes: &[u8], until: &str) -> String {
+    s.write_all(bytes).await.unwrap();
+    read_until(s, until).await
+}
+
 #[tokio::test]
 async fn a_pipelined_head_cut_by_a_quiet_spell_is_kept() {
     let up = EchoServer::start("up").await.unwrap();
     let served = serve(&up, false).await;
     let mut s = TcpStream::connect(served.addr).await.unwrap();
-    s.write_all(b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\nGET /two HTTP/1.1\r\nHost: a.t")
-        .await
-        .unwrap();
-    let first = read_until(&mut s, "\"/one\"").await;
+    let pipelined = b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\nGET /two HTTP/1.1\r\nHost: a.t";
+    let first = send(&mut s, pipelined, "\"/one\"").await;
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
-    // Longer than the park delay: hyper hands back the half head with the socket.
-    tokio::time::sleep(Duration::from_millis(1800)).await;
-    s.write_all(b"est\r\n\r\n").await.unwrap();
-    let second = read_until(&mut s, "\"/two\"").await;
+    // Far longer than the park delay: hyper hands back the half head with the socket.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = send(&mut s, b"est\r\n\r\n", "\"/two\"").await;
     assert!(second.starts_with("HTTP/1.1 200"), "{second}");
     assert_eq!(up.seen().len(), 2);
 }
@@ -212,14 +215,13 @@ async fn parked_connections_close_at_once_on_shutdown() {
     let up = EchoServer::start("up").await.unwrap();
     let served = serve(&up, false).await;
     let mut s = TcpStream::connect(served.addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
-        .await
-        .unwrap();
-    assert!(
-        read_until(&mut s, "\"server\"")
-            .await
-            .starts_with("HTTP/1.1 200")
-    );
+    let reply = send(
+        &mut s,
+        b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        "\"server\"",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(wait_until(Duration::from_secs(5), || served.parked() == 1).await);
     served.stop.cancel();
     // The default drain time is far longer: a parked connection does not wait for it.
@@ -238,13 +240,8 @@ async fn a_connection_is_parked_after_a_slow_request_too() {
     let served = serve(&up, false).await;
     let mut s = TcpStream::connect(served.addr).await.unwrap();
     // Silent for longer than the park delay while the upstream thinks.
-    s.write_all(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: a.test\r\n\r\n")
-        .await
-        .unwrap();
-    assert!(
-        read_until(&mut s, "\"/slow\"")
-            .await
-            .starts_with("HTTP/1.1 200")
-    );
+    let slow = b"GET /slow?ms=1500 HTTP/1.1\r\nHost: a.test\r\n\r\n";
+    let reply = send(&mut s, slow, "\"/slow\"").await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(wait_until(Duration::from_secs(5), || served.parked() == 1).await);
 }
