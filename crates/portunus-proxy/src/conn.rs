@@ -129,11 +129,6 @@ impl Activity {
         self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle
     }
 
-    /// When the connection has been quiet for [`PARK_AFTER`].
-    fn park_deadline(&self) -> Instant {
-        self.idle_deadline(PARK_AFTER)
-    }
-
     /// Whether [`ParkableIo`] asked for the connection to be parked (and forgets the request).
     pub(crate) fn take_park(&self) -> bool {
         self.park_now.swap(false, Ordering::Relaxed)
@@ -211,26 +206,61 @@ impl BodyEnd {
     }
 }
 
-/// How long an HTTP/1 connection waits for its next request before it is parked: hyper's
-/// connection state and buffers (some 20 KiB) are freed, and only the socket is watched
-/// until the client sends again.
+/// How long an HTTP/1 connection waits for its next request before it is parked (hyper's
+/// connection state and buffers, some 20 KiB, are freed, and only the socket is watched until
+/// the client sends again) while its listener has many connections open: memory matters then.
 pub(crate) const PARK_AFTER: Duration = Duration::from_millis(10);
+
+/// The same with few connections open: a client that sends a request every few hundred
+/// milliseconds is then not parked between them (a park and the new hyper connection after it
+/// cost some 14 µs of CPU).
+pub(crate) const PARK_AFTER_FEW: Duration = Duration::from_secs(1);
+
+/// How many open connections on a listener make "many" for [`ParkPolicy`].
+pub(crate) const PARK_CROWD: usize = 256;
+
+/// How soon the quiet HTTP/1 connections of one listener are parked, from how many
+/// connections it has open (over all its workers).
+#[derive(Debug, Default)]
+pub(crate) struct ParkPolicy {
+    open: AtomicUsize,
+}
+
+impl ParkPolicy {
+    pub(crate) fn opened(&self) {
+        self.open.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn closed(&self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// [`PARK_AFTER`] with more than [`PARK_CROWD`] connections open, else [`PARK_AFTER_FEW`].
+    fn delay(&self) -> Duration {
+        if self.open.load(Ordering::Relaxed) > PARK_CROWD {
+            PARK_AFTER
+        } else {
+            PARK_AFTER_FEW
+        }
+    }
+}
 
 /// The longest wait between two looks at a connection that could not be parked when it had
 /// been quiet for long enough (a slow upstream, a body still arriving): the waits double from
-/// [`PARK_AFTER`] up to this.
+/// the park delay up to this.
 const PARK_RETRY_MAX: Duration = Duration::from_secs(1);
 
 pin_project_lite::pin_project! {
     /// The I/O of an HTTP/1 connection, as hyper sees it: first the bytes hyper had read but
     /// not used when the connection was last parked, then the stream. When a read finds
-    /// nothing, the connection is [`Activity::parkable`] and has been quiet for
-    /// [`PARK_AFTER`], it asks its driver to park it (see [`Activity::take_park`]).
+    /// nothing, the connection is [`Activity::parkable`] and has been quiet for its
+    /// [`ParkPolicy`]'s delay, it asks its driver to park it (see [`Activity::take_park`]).
     #[derive(Debug)]
     pub(crate) struct ParkableIo<T> {
         #[pin]
         inner: T,
         activity: Arc<Activity>,
+        policy: Arc<ParkPolicy>,
         prefix: bytes::Bytes,
         timer: Option<Pin<Box<tokio::time::Sleep>>>,
         // The quiet deadline the timer was last set from (it moves with traffic), and the
@@ -241,10 +271,11 @@ pin_project_lite::pin_project! {
 }
 
 impl<T> ParkableIo<T> {
-    pub(crate) fn new(inner: T, activity: Arc<Activity>) -> Self {
+    pub(crate) fn new(inner: T, activity: Arc<Activity>, policy: Arc<ParkPolicy>) -> Self {
         Self {
             inner,
             activity,
+            policy,
             prefix: bytes::Bytes::new(),
             timer: None,
             armed_for: None,
@@ -293,14 +324,15 @@ impl<T: AsyncRead> AsyncRead for ParkableIo<T> {
         // quiet long enough, whatever was in flight when it last read. A tunnel never parks,
         // and is never woken for it.
         if polled.is_pending() && !this.activity.upgraded.load(Ordering::Relaxed) {
-            let quiet = this.activity.park_deadline();
+            let delay = this.policy.delay();
+            let quiet = this.activity.idle_deadline(delay);
             let timer = this
                 .timer
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(quiet)));
             if *this.armed_for != Some(quiet) {
                 // Traffic since the timer was set: the quiet time counts from it.
                 *this.armed_for = Some(quiet);
-                *this.retry = PARK_AFTER;
+                *this.retry = delay;
                 timer.as_mut().reset(quiet);
             }
             if timer.as_mut().poll(cx).is_ready() {
@@ -504,7 +536,7 @@ mod tests {
 
     /// Counts how often a connection waiting to read is woken by its park timer over `span`,
     /// polling it only when woken (as hyper does), with a request in flight all along.
-    async fn park_wakes(upgrade: bool, span: Duration) -> usize {
+    async fn park_wakes(upgrade: bool, open: usize, span: Duration) -> usize {
         struct Count(AtomicUsize);
         impl std::task::Wake for Count {
             fn wake(self: Arc<Self>) {
@@ -514,7 +546,11 @@ mod tests {
         let activity = Activity::new(true);
         let _in_flight = activity.begin_request(false, upgrade);
         let (_client, server) = tokio::io::duplex(64);
-        let mut io = Box::pin(ParkableIo::new(server, Arc::clone(&activity)));
+        let policy = Arc::new(ParkPolicy::default());
+        for _ in 0..open {
+            policy.opened();
+        }
+        let mut io = Box::pin(ParkableIo::new(server, Arc::clone(&activity), policy));
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = std::task::Waker::from(Arc::clone(&count));
         let mut cx = Context::from_waker(&waker);
@@ -536,10 +572,17 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn busy_connections_are_looked_at_less_and_less_and_tunnels_never() {
-        // 10, 20, 40 ... ms, then once a second: about a dozen looks in 5 s, not 500.
-        let busy = park_wakes(false, Duration::from_secs(5)).await;
-        assert!((5..=15).contains(&busy), "{busy} wake-ups");
-        assert_eq!(park_wakes(true, Duration::from_secs(5)).await, 0);
+        // A crowded listener: 10, 20, 40 ... ms, then once a second: about a dozen looks in
+        // 5 s, not 500. A quiet one: once a second.
+        let crowded = park_wakes(false, PARK_CROWD + 1, Duration::from_secs(5)).await;
+        assert!((8..=15).contains(&crowded), "{crowded} wake-ups");
+        let few = park_wakes(false, 1, Duration::from_secs(5)).await;
+        assert!((4..=6).contains(&few), "{few} wake-ups");
+        assert_eq!(
+            park_wakes(true, PARK_CROWD + 1, Duration::from_secs(5)).await,
+            0
+        );
+        assert_eq!(park_wakes(true, 1, Duration::from_secs(5)).await, 0);
     }
 
     #[tokio::test(start_paused = true)]

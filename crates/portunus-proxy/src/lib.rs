@@ -18,9 +18,10 @@
 //!   (in all and per client address); HTTP/2 stream and reset limits; refuse ambiguous
 //!   requests (several `Host`s, dot segments, unknown transfer codings) and, over TLS, hosts
 //!   the connection's certificate does not cover (421);
-//! - park idle HTTP/1 keep-alive connections: after 10 ms without traffic between requests,
-//!   hyper's connection state and buffers are freed and only the socket is watched until the
-//!   client sends again, so an idle connection costs a few KiB;
+//! - park idle HTTP/1 keep-alive connections: after 1 s without traffic between requests
+//!   (10 ms while the listener has more than 256 connections open), hyper's connection state
+//!   and buffers are freed and only the socket is watched until the client sends again, so an
+//!   idle connection costs a few KiB;
 //! - count requests per site and status class, latency, upstream health and open and parked
 //!   connections ([`Proxy::metrics_text`]), and emit one event per request on target
 //!   `portunus::access`;

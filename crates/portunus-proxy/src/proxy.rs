@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, info, warn};
 
-use crate::conn::{Activity, Expired, ParkableIo, TrackedIo};
+use crate::conn::{Activity, Expired, ParkPolicy, ParkableIo, TrackedIo};
 use crate::error::{Error, Result};
 use crate::forward::{Action, ConnCtx, SiteInfo, Table, Target, UpstreamClient, handle};
 use crate::headers::ClientConn;
@@ -419,6 +419,8 @@ struct ConnLimits {
     open: std::sync::Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>,
     /// Of those, parked HTTP/1 connections.
     parked: std::sync::atomic::AtomicUsize,
+    /// How soon quiet connections are parked, from how many are open.
+    park: Arc<ParkPolicy>,
 }
 
 /// One admitted connection; released when dropped.
@@ -435,6 +437,7 @@ impl ConnLimits {
             per_ip: per_ip.max(1),
             open: std::sync::Mutex::new((0, std::collections::HashMap::new())),
             parked: std::sync::atomic::AtomicUsize::new(0),
+            park: Arc::default(),
         }
     }
 
@@ -447,6 +450,7 @@ impl ConnLimits {
         }
         open.0 += 1;
         open.1.insert(ip, from_ip + 1);
+        self.park.opened();
         Some(Slot {
             limits: Arc::clone(self),
             ip,
@@ -473,6 +477,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.limits.park.closed();
         let mut open = lock(&self.limits.open);
         open.0 = open.0.saturating_sub(1);
         if let Some(n) = open.1.get_mut(&self.ip) {
@@ -533,7 +538,7 @@ impl Connection {
         let io = TrackedIo::new(stream, Arc::clone(&self.ctx.activity), write_timeout);
         match tls {
             None => {
-                let io = ParkableIo::new(io, Arc::clone(&self.ctx.activity));
+                let io = self.parkable(io);
                 self.serve_http1(io).await
             }
             // In its own allocation: inline, TLS state would make every plain connection's
@@ -577,7 +582,7 @@ impl Connection {
                 self.serve_http2(stream).await;
             }
             _ => {
-                let io = ParkableIo::new(stream, Arc::clone(&self.ctx.activity));
+                let io = self.parkable(stream);
                 self.serve_http1(io).await;
             }
         }
@@ -608,8 +613,17 @@ impl Connection {
         })
     }
 
+    /// The stream of an HTTP/1 connection, ready to be parked by its listener's policy.
+    fn parkable<I>(&self, io: I) -> ParkableIo<I> {
+        ParkableIo::new(
+            io,
+            Arc::clone(&self.ctx.activity),
+            Arc::clone(&self.slot.limits.park),
+        )
+    }
+
     /// Serves HTTP/1 requests until the connection closes or is parked: when it has been
-    /// quiet for [`PARK_AFTER`](crate::conn::PARK_AFTER) between requests, hyper's connection
+    /// quiet between requests for its listener's [`ParkPolicy`] delay, hyper's connection
     /// (its state and buffers) is taken apart and freed, this task ends, and a small one
     /// watches the socket until the client sends again (see [`Connection::park`]). Most of a
     /// server's connections are idle keep-alive connections; parked, each costs little more

@@ -1,6 +1,6 @@
-//! Parked HTTP/1 connections: a keep-alive connection that has been quiet for a second gives
-//! its buffers back and is taken up again when its client sends, over plain TCP and TLS,
-//! with bodies, pipelined heads and WebSocket upgrades.
+//! Parked HTTP/1 connections: a keep-alive connection that has been quiet for a second (few
+//! connections open, as here) gives its buffers back and is taken up again when its client
+//! sends, over plain TCP and TLS, with bodies, pipelined heads and WebSocket upgrades.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -168,8 +168,9 @@ async fn quiet_session(served: &Served, upstream: &EchoServer) {
         let text = format!("round {round}");
         ws.send(Message::text(text.clone())).await.unwrap();
         assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(text));
-        // Quiet for far longer than the park delay, but a tunnel: not parked.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Quiet for longer than the park delay (1 s with few connections), but a tunnel:
+        // not parked.
+        tokio::time::sleep(Duration::from_millis(1300)).await;
         assert_eq!(served.parked(), 0, "a tunnel is never parked");
     }
     assert_eq!(upstream.seen().len(), 3);
@@ -203,8 +204,9 @@ async fn a_pipelined_head_cut_by_a_quiet_spell_is_kept() {
     let pipelined = b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\nGET /two HTTP/1.1\r\nHost: a.t";
     let first = send(&mut s, pipelined, "\"/one\"").await;
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
-    // Far longer than the park delay: hyper hands back the half head with the socket.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Longer than the park delay (1 s with few connections): hyper hands back the half head
+    // with the socket.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
     let second = send(&mut s, b"est\r\n\r\n", "\"/two\"").await;
     assert!(second.starts_with("HTTP/1.1 200"), "{second}");
     assert_eq!(up.seen().len(), 2);
