@@ -39,8 +39,11 @@ pub(crate) struct Activity {
     in_flight: AtomicUsize,
     /// Whether request heads are tracked (HTTP/1 only: HTTP/2 sends frames all the time).
     track_heads: AtomicBool,
-    /// Request bodies not yet read to their end: hyper is still reading them.
-    park_blocks: AtomicUsize,
+    /// Requests received so far: the number of the latest.
+    requests: AtomicU64,
+    /// The number of the request whose body has not been read to its end (hyper is still
+    /// reading it), or 0. Over HTTP/1 a new request means the one before was read to its end.
+    unread_body: AtomicU64,
     /// The connection was upgraded (a WebSocket): never parked.
     upgraded: AtomicBool,
     /// Everything answered has been written and flushed to the client.
@@ -57,7 +60,8 @@ impl Activity {
             head_started: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             track_heads: AtomicBool::new(track_heads),
-            park_blocks: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            unread_body: AtomicU64::new(0),
             upgraded: AtomicBool::new(false),
             flushed: AtomicBool::new(true),
             park_now: AtomicBool::new(false),
@@ -92,7 +96,7 @@ impl Activity {
     ///
     /// A request with a body not yet read (`body_pending`) keeps its HTTP/1 connection from
     /// being parked until the [`BodyEnd`] of [`Activity::body_end`] says the body was read to
-    /// its end; an upgrade keeps it from being parked for good.
+    /// its end, or the next request arrives; an upgrade keeps it from being parked for good.
     pub(crate) fn begin_request(
         self: &Arc<Self>,
         body_pending: bool,
@@ -100,18 +104,19 @@ impl Activity {
     ) -> RequestGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.head_started.store(0, Ordering::Relaxed);
-        if body_pending {
-            self.park_blocks.fetch_add(1, Ordering::Relaxed);
-        }
+        let number = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        self.unread_body
+            .store(if body_pending { number } else { 0 }, Ordering::Relaxed);
         if upgrade {
             self.upgraded.store(true, Ordering::Relaxed);
         }
         RequestGuard(Arc::clone(self))
     }
 
-    /// The token of a request body announced to [`Activity::begin_request`] as pending.
+    /// The token of the latest request's body, announced to [`Activity::begin_request`] as
+    /// pending.
     pub(crate) fn body_end(self: &Arc<Self>) -> BodyEnd {
-        BodyEnd(Arc::clone(self))
+        BodyEnd(Arc::clone(self), self.requests.load(Ordering::Relaxed))
     }
 
     /// Whether an HTTP/1 connection whose read just found nothing to read may be parked: no
@@ -119,7 +124,7 @@ impl Activity {
     fn parkable(&self) -> bool {
         !self.upgraded.load(Ordering::Relaxed)
             && self.in_flight.load(Ordering::Relaxed) == 0
-            && self.park_blocks.load(Ordering::Relaxed) == 0
+            && self.unread_body.load(Ordering::Relaxed) == 0
             && self.head_started.load(Ordering::Relaxed) == 0
             && self.flushed.load(Ordering::Relaxed)
     }
@@ -194,15 +199,19 @@ impl Drop for RequestGuard {
 }
 
 /// Held by a request body until it has been read to its end: until then, the HTTP/1
-/// connection is not parked (hyper is still reading the body). A body dropped before its
-/// end never releases the connection (hyper then drains it or closes the connection).
+/// connection is not parked (hyper is still reading the body). A body dropped before its end
+/// does not release the connection (hyper drains it or closes the connection, unseen); the
+/// next request does.
 #[derive(Debug)]
-pub(crate) struct BodyEnd(Arc<Activity>);
+pub(crate) struct BodyEnd(Arc<Activity>, u64);
 
 impl BodyEnd {
     /// The body has been read to its end.
     pub(crate) fn reached(self) {
-        self.0.park_blocks.fetch_sub(1, Ordering::Relaxed);
+        let _ =
+            self.0
+                .unread_body
+                .compare_exchange(self.1, 0, Ordering::Relaxed, Ordering::Relaxed);
     }
 }
 

@@ -247,3 +247,40 @@ async fn a_connection_is_parked_after_a_slow_request_too() {
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(wait_until(Duration::from_secs(5), || served.parked() == 1).await);
 }
+
+#[tokio::test]
+async fn a_body_answered_unread_does_not_keep_the_connection_from_parking() {
+    let up = EchoServer::start("up").await.unwrap();
+    let served = serve(&up, false).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(
+        served.connect().await,
+    ))
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let request = |method: &str, host: &str, body: &'static str| {
+        http::Request::builder()
+            .method(method)
+            .uri("/")
+            .header("host", host)
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    };
+    // No site for this host: answered without reading the body (hyper drains it).
+    let res = sender
+        .send_request(request("POST", "nobody.test", "an unread body"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    res.into_body().collect().await.unwrap();
+    // The next request on the connection shows the body is behind it.
+    let doc = json(
+        sender
+            .send_request(request("GET", "a.test", ""))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(doc["path"], "/");
+    assert!(wait_until(Duration::from_secs(5), || served.parked() == 1).await);
+}
