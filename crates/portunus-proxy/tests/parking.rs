@@ -104,6 +104,15 @@ async fn serve(upstream: &EchoServer, tls: bool) -> Served {
     }
 }
 
+fn request(method: &str, host: &str, path: &str, body: &'static str) -> http::Request<Full<Bytes>> {
+    http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
 async fn json(res: http::Response<hyper::body::Incoming>) -> serde_json::Value {
     assert_eq!(res.status(), 200);
     serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap()
@@ -119,14 +128,7 @@ async fn quiet_session(served: &Served, upstream: &EchoServer) {
     .await
     .unwrap();
     tokio::spawn(conn.with_upgrades());
-    let request = |method: &str, path: &str, body: &'static str| {
-        http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "a.test")
-            .body(Full::new(Bytes::from_static(body.as_bytes())))
-            .unwrap()
-    };
+    let request = |method, path, body| request(method, "a.test", path, body);
 
     let doc = json(
         sender
@@ -258,14 +260,7 @@ async fn a_body_answered_unread_does_not_keep_the_connection_from_parking() {
     .await
     .unwrap();
     tokio::spawn(conn);
-    let request = |method: &str, host: &str, body: &'static str| {
-        http::Request::builder()
-            .method(method)
-            .uri("/")
-            .header("host", host)
-            .body(Full::new(Bytes::from_static(body.as_bytes())))
-            .unwrap()
-    };
+    let request = |method, host, body| request(method, host, "/", body);
     // No site for this host: answered without reading the body (hyper drains it).
     let res = sender
         .send_request(request("POST", "nobody.test", "an unread body"))
