@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -29,8 +30,10 @@ use crate::metrics::SiteMetrics;
 use crate::settings::Timeouts;
 use crate::upstream::{ActiveGuard, Pool, Upstream};
 
-/// The body type sent to upstreams: the client's streamed body, or nothing.
-pub(crate) type UpstreamBody = Either<LimitedBody, Empty<Bytes>>;
+/// The body type sent to upstreams: the client's streamed body, or nothing. Boxed: hyper's
+/// client keeps a channel of 32 request slots per upstream connection, each as large as a
+/// request with its body (idle connections hold it, and every request is moved through it).
+pub(crate) type UpstreamBody = Either<Pin<Box<LimitedBody>>, Empty<Bytes>>;
 pub(crate) type UpstreamClient = Client<HttpConnector, UpstreamBody>;
 
 /// What a route does.
@@ -568,8 +571,8 @@ async fn send(
             .unwrap_or(0);
         let uri = upstream_uri(upstream, rest, query)?;
         let mut upstream_req = Request::new(match forward.body.take() {
-            Some(b) => Either::Left(b),
-            None => Either::Right(Empty::new()),
+            Some(b) if !b.is_end_stream() => Either::Left(Box::pin(b)),
+            _ => Either::Right(Empty::new()),
         });
         *upstream_req.method_mut() = forward.method.clone();
         *upstream_req.uri_mut() = uri;
