@@ -228,8 +228,8 @@ pub(crate) const PARK_AFTER_FEW: Duration = Duration::from_secs(1);
 /// How many open connections on a listener make "many" for [`ParkPolicy`].
 pub(crate) const PARK_CROWD: usize = 256;
 
-/// How soon the quiet HTTP/1 connections of one listener are parked, from how many
-/// connections it has open (over all its workers).
+/// How many connections one listener has open (over all its workers; its connection cap
+/// counts them here), and from that, how soon its quiet HTTP/1 connections are parked.
 #[derive(Debug, Default)]
 pub(crate) struct ParkPolicy {
     open: AtomicUsize,
@@ -244,9 +244,14 @@ impl ParkPolicy {
         self.open.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Connections open now.
+    pub(crate) fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
     /// [`PARK_AFTER`] with more than [`PARK_CROWD`] connections open, else [`PARK_AFTER_FEW`].
     fn delay(&self) -> Duration {
-        if self.open.load(Ordering::Relaxed) > PARK_CROWD {
+        if self.open() > PARK_CROWD {
             PARK_AFTER
         } else {
             PARK_AFTER_FEW

@@ -144,7 +144,7 @@ impl Proxy {
             (
                 "portunus_connections_open",
                 "Client connections open, by listening address.",
-                (|l: &ConnLimits| lock(&l.open).0) as fn(&ConnLimits) -> usize,
+                (|l: &ConnLimits| l.park.open()) as fn(&ConnLimits) -> usize,
             ),
             (
                 "portunus_connections_parked",
@@ -416,11 +416,12 @@ fn compile(settings: &ProxySettings, metrics: &Registry) -> Result<Table> {
 struct ConnLimits {
     total: usize,
     per_ip: usize,
-    open: std::sync::Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>,
-    /// Of those, parked HTTP/1 connections.
-    parked: std::sync::atomic::AtomicUsize,
-    /// How soon quiet connections are parked, from how many are open.
+    /// Open connections per client address; changed together with `park`'s count of all.
+    per_ip_open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// How many connections are open, and so how soon quiet ones are parked.
     park: Arc<ParkPolicy>,
+    /// Of the open connections, parked HTTP/1 ones.
+    parked: std::sync::atomic::AtomicUsize,
 }
 
 /// One admitted connection; released when dropped.
@@ -435,22 +436,21 @@ impl ConnLimits {
         Self {
             total: total.max(1),
             per_ip: per_ip.max(1),
-            open: std::sync::Mutex::new((0, std::collections::HashMap::new())),
-            parked: std::sync::atomic::AtomicUsize::new(0),
+            per_ip_open: std::sync::Mutex::new(std::collections::HashMap::new()),
             park: Arc::default(),
+            parked: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
     fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<Slot> {
         let ip = ip.to_canonical();
-        let mut open = lock(&self.open);
-        let from_ip = open.1.get(&ip).copied().unwrap_or(0);
-        if open.0 >= self.total || from_ip >= self.per_ip {
+        let mut per_ip = lock(&self.per_ip_open);
+        let from_ip = per_ip.get(&ip).copied().unwrap_or(0);
+        if self.park.open() >= self.total || from_ip >= self.per_ip {
             return None;
         }
-        open.0 += 1;
-        open.1.insert(ip, from_ip + 1);
         self.park.opened();
+        per_ip.insert(ip, from_ip + 1);
         Some(Slot {
             limits: Arc::clone(self),
             ip,
@@ -477,13 +477,12 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        let mut per_ip = lock(&self.limits.per_ip_open);
         self.limits.park.closed();
-        let mut open = lock(&self.limits.open);
-        open.0 = open.0.saturating_sub(1);
-        if let Some(n) = open.1.get_mut(&self.ip) {
+        if let Some(n) = per_ip.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
-                open.1.remove(&self.ip);
+                per_ip.remove(&self.ip);
             }
         }
     }
