@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::client::Pooled;
 use crate::conn::{BodyEnd, RequestGuard};
 use crate::upstream::ActiveGuard;
 
@@ -19,6 +20,8 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Inner,
         upstream: Option<ActiveGuard>,
+        // The upstream connection, back to its pool once the body has been read to its end.
+        connection: Option<Pooled>,
         request: Option<RequestGuard>,
     }
 }
@@ -41,6 +44,7 @@ impl ProxyBody {
                 data: (!data.is_empty()).then_some(data),
             },
             upstream: None,
+            connection: None,
             request: None,
         }
     }
@@ -50,17 +54,34 @@ impl ProxyBody {
         Self::full(Bytes::new())
     }
 
-    pub(crate) fn upstream(body: Incoming, guard: ActiveGuard) -> Self {
-        Self {
+    /// An upstream's response body, read from `connection`; a body that is already complete
+    /// (none at all, as for `HEAD`, `204` or `304`) gives the connection back at once.
+    pub(crate) fn upstream(body: Incoming, guard: ActiveGuard, connection: Pooled) -> Self {
+        let complete = body.is_end_stream();
+        let mut this = Self {
             inner: Inner::Upstream { body },
             upstream: Some(guard),
+            connection: Some(connection),
             request: None,
+        };
+        if complete {
+            upstream_done(&mut this.connection, &mut this.upstream);
         }
+        this
     }
 
     pub(crate) fn with_request_guard(mut self, guard: RequestGuard) -> Self {
         self.request = Some(guard);
         self
+    }
+}
+
+/// The upstream's body was read to its end: its connection can take the next request, and
+/// the request no longer counts as in flight there.
+fn upstream_done(connection: &mut Option<Pooled>, guard: &mut Option<ActiveGuard>) {
+    guard.take();
+    if let Some(connection) = connection.take() {
+        connection.release();
     }
 }
 
@@ -73,12 +94,27 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.project();
-        let polled = match this.inner.project() {
-            InnerProj::Upstream { body } => body.poll_frame(cx),
-            InnerProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        let (polled, complete) = match this.inner.project() {
+            InnerProj::Upstream { mut body } => {
+                let polled = body.as_mut().poll_frame(cx);
+                let complete = match &polled {
+                    Poll::Ready(None) => true,
+                    Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
+                    _ => false,
+                };
+                (polled, complete)
+            }
+            InnerProj::Full { data } => {
+                (Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))), false)
+            }
         };
+        if complete {
+            upstream_done(this.connection, this.upstream);
+        }
         if let Poll::Ready(None | Some(Err(_))) = polled {
-            // Finished: the request no longer counts as in flight.
+            // Finished: the request no longer counts as in flight; after an error the
+            // upstream connection is dropped (closed), not pooled.
+            this.connection.take();
             this.upstream.take();
             this.request.take();
         }

@@ -95,13 +95,13 @@ pub enum RequestError {
     Upgrade(String),
     /// No upstream could be reached.
     #[error("no upstream answered")]
-    NoUpstream(#[source] Option<hyper_util::client::legacy::Error>),
+    NoUpstream(#[source] Option<crate::UpstreamError>),
     /// The upstream did not send its response head in time.
     #[error("the upstream did not answer in time")]
     Timeout,
     /// The upstream broke the exchange.
     #[error("the upstream failed")]
-    UpstreamFailed(#[source] hyper_util::client::legacy::Error),
+    UpstreamFailed(#[source] crate::UpstreamError),
 }
 
 impl RequestError {
@@ -149,26 +149,22 @@ impl RequestError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::NoUpstream(Some(e)) => e.is_connect(),
-            Self::UpstreamFailed(e) => {
-                e.is_connect()
-                    || std::error::Error::source(e)
-                        .and_then(|s| s.downcast_ref::<hyper::Error>())
-                        .is_some_and(|h| {
-                            h.is_incomplete_message()
-                                || h.is_canceled()
-                                || h.is_closed()
-                                || std::error::Error::source(h)
-                                    .and_then(|s| s.downcast_ref::<std::io::Error>())
-                                    .is_some_and(|io| {
-                                        matches!(
-                                            io.kind(),
-                                            std::io::ErrorKind::ConnectionReset
-                                                | std::io::ErrorKind::ConnectionAborted
-                                                | std::io::ErrorKind::BrokenPipe
-                                        )
-                                    })
+            Self::UpstreamFailed(crate::UpstreamError::Http(h)) => {
+                h.is_incomplete_message()
+                    || h.is_canceled()
+                    || h.is_closed()
+                    || std::error::Error::source(h)
+                        .and_then(|s| s.downcast_ref::<std::io::Error>())
+                        .is_some_and(|io| {
+                            matches!(
+                                io.kind(),
+                                std::io::ErrorKind::ConnectionReset
+                                    | std::io::ErrorKind::ConnectionAborted
+                                    | std::io::ErrorKind::BrokenPipe
+                            )
                         })
             }
+            Self::UpstreamFailed(e) => e.is_connect(),
             _ => false,
         }
     }

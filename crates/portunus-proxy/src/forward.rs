@@ -13,8 +13,6 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use portunus_router::Router;
 use portunus_store::Challenges;
@@ -23,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::body::{BodyError, CUT_MALFORMED, CUT_STALLED, CUT_TOO_LARGE, LimitedBody, ProxyBody};
+use crate::client::{Pooled, UpstreamClient};
 use crate::conn::Activity;
 use crate::error::RequestError;
 use crate::headers::{ClientConn, has_token, remove_hop_by_hop, rewrite_request};
@@ -34,7 +33,6 @@ use crate::upstream::{ActiveGuard, Pool, Upstream};
 /// client keeps a channel of 32 request slots per upstream connection, each as large as a
 /// request with its body (idle connections hold it, and every request is moved through it).
 pub(crate) type UpstreamBody = Either<Pin<Box<LimitedBody>>, Empty<Bytes>>;
-pub(crate) type UpstreamClient = Client<HttpConnector, UpstreamBody>;
 
 /// What a route does.
 #[derive(Debug)]
@@ -569,7 +567,7 @@ async fn send(
         tried |= 1u64
             .checked_shl(u32::try_from(index).unwrap_or(u32::MAX))
             .unwrap_or(0);
-        let uri = upstream_uri(upstream, rest, query)?;
+        let uri = upstream_path(upstream, rest, query)?;
         let mut upstream_req = Request::new(match forward.body.take() {
             Some(b) if !b.is_end_stream() => Either::Left(Box::pin(b)),
             _ => Either::Right(Empty::new()),
@@ -584,17 +582,20 @@ async fn send(
         };
 
         let guard = ActiveGuard::new(Arc::clone(upstream));
-        let sent =
-            tokio::time::timeout(table.timeouts.response_header, client.request(upstream_req))
-                .await;
+        let sent = tokio::time::timeout(
+            table.timeouts.response_header,
+            client.send(&upstream.authority, upstream_req),
+        )
+        .await;
         let error = match sent {
             Err(_elapsed) => {
                 pool.mark_failed(upstream);
                 return Err(RequestError::Timeout);
             }
-            Ok(Ok(response)) => {
+            Ok(Ok((response, connection))) => {
                 pool.mark_ok(upstream);
-                let response = finish_response(response, guard, forward.client_upgrade, &ctx);
+                let response =
+                    finish_response(response, connection, guard, forward.client_upgrade, &ctx);
                 return Ok(with_hsts(response, forward.hsts));
             }
             Ok(Err(e)) if e.is_connect() => RequestError::NoUpstream(Some(e)),
@@ -624,6 +625,7 @@ async fn send(
 /// Turns the upstream's response into the client's, starting the tunnel after a `101`.
 fn finish_response(
     mut response: Response<Incoming>,
+    connection: Pooled,
     guard: ActiveGuard,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ctx: &ConnCtx,
@@ -635,6 +637,8 @@ fn finish_response(
         let force = ctx.force.clone();
         ctx.tracker.spawn(async move {
             let _guard = guard;
+            // Upgraded: never pooled again; held until the tunnel ends, as the exchange.
+            let _connection = connection;
             let tunnel = async {
                 let (client, upstream) = tokio::try_join!(client_upgrade, upstream_upgrade)?;
                 let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
@@ -654,15 +658,20 @@ fn finish_response(
         return Response::from_parts(parts, ProxyBody::empty());
     }
     remove_hop_by_hop(response.headers_mut());
-    response.map(|body| ProxyBody::upstream(body, guard))
+    response.map(|body| ProxyBody::upstream(body, guard, connection))
 }
 
 fn hyper_io_error(e: std::io::Error) -> Box<dyn std::error::Error + Send + Sync> {
     Box::new(e)
 }
 
-/// The upstream URI: its scheme and authority, its base path, then the request's path.
-fn upstream_uri(upstream: &Upstream, rest: &str, query: Option<&str>) -> Result<Uri, RequestError> {
+/// The request target sent upstream (origin form): the upstream's base path, then the
+/// request's path and query.
+fn upstream_path(
+    upstream: &Upstream,
+    rest: &str,
+    query: Option<&str>,
+) -> Result<Uri, RequestError> {
     let rest = if rest.is_empty() { "/" } else { rest };
     let mut path_and_query = String::with_capacity(
         upstream.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1),
@@ -676,12 +685,7 @@ fn upstream_uri(upstream: &Upstream, rest: &str, query: Option<&str>) -> Result<
         path_and_query.push('?');
         path_and_query.push_str(query);
     }
-    Uri::builder()
-        .scheme(upstream.scheme.clone())
-        .authority(upstream.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| RequestError::InvalidTarget)
+    Uri::try_from(path_and_query).map_err(|_| RequestError::InvalidTarget)
 }
 
 /// RFC 9110 §9.2.2.

@@ -7,8 +7,10 @@
 //!   host and path ([`portunus_router`]) to a pool of upstreams or a static answer;
 //! - redirect plain-HTTP requests of TLS sites to HTTPS, add HSTS, answer ACME http-01 and
 //!   tls-alpn-01 challenges published in the store;
-//! - forward over pooled keep-alive HTTP/1.1 connections, streaming bodies both ways, with
-//!   round-robin or least-connections balancing, passive health and safe retries;
+//! - forward over pooled keep-alive HTTP/1.1 connections (one pool per worker thread, over
+//!   hyper's client connections; a connection is given back when its response body has been
+//!   read to the end), streaming bodies both ways, with round-robin or least-connections
+//!   balancing, passive health and safe retries;
 //! - rewrite headers as a proxy must: hop-by-hop headers removed, `Host` preserved,
 //!   `X-Forwarded-*`, `X-Real-IP` and `Forwarded` set (client copies believed only from
 //!   trusted proxies), `Proxy-Authorization` never forwarded;
@@ -45,6 +47,7 @@
 //! ```
 
 mod body;
+mod client;
 mod conn;
 mod error;
 mod forward;
@@ -56,6 +59,7 @@ mod tls;
 mod upstream;
 
 pub use body::ProxyBody;
+pub use client::UpstreamError;
 pub use error::{Error, RequestError, Result, Side};
 pub use metrics::escape as escape_label;
 pub use proxy::{Proxy, UpstreamStatus};

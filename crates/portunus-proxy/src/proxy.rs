@@ -11,8 +11,6 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use portunus_router::{Router, Site};
 use portunus_store::ACME_TLS_ALPN;
@@ -22,9 +20,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, info, warn};
 
+use crate::client::UpstreamClient;
 use crate::conn::{Activity, Expired, ParkPolicy, ParkableIo, TrackedIo};
 use crate::error::{Error, Result};
-use crate::forward::{Action, ConnCtx, SiteInfo, Table, Target, UpstreamClient, handle};
+use crate::forward::{Action, ConnCtx, SiteInfo, Table, Target, handle};
 use crate::headers::ClientConn;
 use crate::metrics::{Registry, escape};
 use crate::settings::{Handler, ProxySettings};
@@ -296,22 +295,14 @@ impl Shared {
         clients
             .entry(std::thread::current().id())
             .or_insert_with(|| {
-                let mut connector = HttpConnector::new();
-                connector.set_connect_timeout(Some(self.connect_timeout));
-                connector.set_nodelay(true);
-                connector.set_keepalive(Some(Duration::from_secs(60)));
-                Arc::new(
-                    Client::builder(TokioExecutor::new())
-                        .pool_timer(TokioTimer::new())
-                        .timer(TokioTimer::new())
-                        .pool_idle_timeout(Duration::from_secs(90))
-                        // As many as nginx's and Caddy's `keepalive 1024` in the peer
-                        // benchmarks: 64 made HTTP/2 load with 500 streams in flight open a
-                        // new upstream connection every six requests. Each idle one holds
-                        // some 40 KiB in hyper-util (BENCHMARKS.md, idle connections).
-                        .pool_max_idle_per_host(UPSTREAM_IDLE_PER_HOST)
-                        .build(connector),
-                )
+                // As many idle connections as nginx's and Caddy's `keepalive 1024` in the
+                // peer benchmarks: 64 made HTTP/2 load with 500 streams in flight open a new
+                // upstream connection every six requests.
+                Arc::new(UpstreamClient::new(
+                    UPSTREAM_IDLE_PER_HOST,
+                    UPSTREAM_IDLE_TIMEOUT,
+                    self.connect_timeout,
+                ))
             })
             .clone()
     }
@@ -319,6 +310,8 @@ impl Shared {
 
 /// Idle keep-alive connections kept per upstream and worker.
 const UPSTREAM_IDLE_PER_HOST: usize = 1024;
+/// How long an idle upstream connection is kept (Traefik's default too).
+const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Locks `m`, ignoring poisoning: the counts and maps it guards stay usable.
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

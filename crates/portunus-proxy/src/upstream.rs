@@ -40,10 +40,10 @@ pub fn check_upstream_url(url: &str) -> Result<(), UpstreamUrlError> {
     parse_upstream(url).map(|_| ())
 }
 
-pub(crate) fn parse_upstream(url: &str) -> Result<(Scheme, Authority, String), UpstreamUrlError> {
+pub(crate) fn parse_upstream(url: &str) -> Result<(Authority, String), UpstreamUrlError> {
     let uri: http::Uri = url.parse().map_err(|_| UpstreamUrlError::Syntax)?;
-    let scheme = uri.scheme().cloned().ok_or(UpstreamUrlError::NoScheme)?;
-    if scheme != Scheme::HTTP {
+    let scheme = uri.scheme().ok_or(UpstreamUrlError::NoScheme)?;
+    if *scheme != Scheme::HTTP {
         return Err(UpstreamUrlError::Scheme);
     }
     let authority = uri.authority().cloned().ok_or(UpstreamUrlError::NoHost)?;
@@ -57,14 +57,13 @@ pub(crate) fn parse_upstream(url: &str) -> Result<(Scheme, Authority, String), U
         return Err(UpstreamUrlError::Query);
     }
     let base = uri.path().trim_end_matches('/').to_owned();
-    Ok((scheme, authority, base))
+    Ok((authority, base))
 }
 
 /// One upstream server of a pool.
 #[derive(Debug)]
 pub(crate) struct Upstream {
     pub(crate) url: String,
-    pub(crate) scheme: Scheme,
     pub(crate) authority: Authority,
     /// Base path prepended to every request path, without trailing `/` (`""` for none).
     pub(crate) base_path: String,
@@ -114,11 +113,10 @@ impl Pool {
     ) -> Result<Self, (String, UpstreamUrlError)> {
         let mut upstreams = Vec::with_capacity(urls.len());
         for url in urls {
-            let (scheme, authority, base_path) =
+            let (authority, base_path) =
                 parse_upstream(url).map_err(|reason| (url.clone(), reason))?;
             upstreams.push(Arc::new(Upstream {
                 url: url.clone(),
-                scheme,
                 authority,
                 base_path,
                 active: AtomicUsize::new(0),
@@ -212,7 +210,7 @@ mod tests {
             ("http://[::1]:9000/a/b", "[::1]:9000", "/a/b"),
         ];
         for (url, authority, base) in ok {
-            let (_, a, b) = parse_upstream(url).unwrap();
+            let (a, b) = parse_upstream(url).unwrap();
             assert_eq!((a.as_str(), b.as_str()), (authority, base), "{url}");
         }
         for bad in [

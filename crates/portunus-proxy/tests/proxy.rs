@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use portunus_proxy::{
     Handler, LoadBalancing, Proxy, ProxySettings, RouteSettings, SiteSettings, Timeouts,
 };
-use portunus_test_utils::{EchoServer, get, wait_until};
+use portunus_test_utils::{EchoServer, get, request, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -281,6 +281,61 @@ async fn invalid_settings_are_refused() {
         text.contains("test a.test") && text.contains("test A.test"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn one_upstream_connection_carries_every_kind_of_exchange_in_turn() {
+    let up = EchoServer::start("up").await.unwrap();
+    let r = serve(ProxySettings::new().site(site("a.test", &[up.url()]))).await;
+    // A sized body, no body at all (HEAD), a chunked body of many frames, a request body.
+    let plain = get(r.addr, "a.test", "/").await.unwrap();
+    assert_eq!(plain.status, 200);
+    let head = request(r.addr, "HEAD", "a.test", "/", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    let chunked = get(r.addr, "a.test", "/bytes?n=300000").await.unwrap();
+    assert_eq!(chunked.body.len(), 300_000);
+    let posted = request(
+        r.addr,
+        "POST",
+        "a.test",
+        "/p",
+        &[],
+        Bytes::from(vec![b'x'; 70_000]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(posted.json()["body_len"], 70_000);
+    let again = get(r.addr, "a.test", "/last").await.unwrap();
+    assert_eq!(again.json()["path"], "/last");
+    assert_eq!(up.seen().len(), 5);
+    // Each went back to the pool as soon as its response was complete.
+    assert_eq!(up.accepted_connections(), 1);
+}
+
+#[tokio::test]
+async fn an_upstream_connection_left_mid_body_is_not_reused() {
+    let up = EchoServer::start("up").await.unwrap();
+    let r = serve(ProxySettings::new().site(site("a.test", &[up.url()]))).await;
+    // The client reads the head of a large response and goes away.
+    let mut s = TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(b"GET /bytes?n=50000000 HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    drop(s);
+    // The next request gets a whole, correct answer on a fresh connection, never the rest
+    // of the abandoned body.
+    for i in 0..3 {
+        let reply = get(r.addr, "a.test", &format!("/after{i}")).await.unwrap();
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.json()["path"], format!("/after{i}"));
+    }
+    assert_eq!(up.accepted_connections(), 2);
 }
 
 #[tokio::test]
