@@ -51,6 +51,43 @@ impl UpstreamError {
 /// Idle connections of one upstream, oldest first.
 type IdleList = Vec<Idle>;
 
+/// An upstream's address, the key of its idle connections: compared and hashed as one
+/// lowercased string (an [`Authority`] hashes byte by byte, case-folding each).
+#[derive(Debug, Clone)]
+pub(crate) struct Address {
+    key: Arc<str>,
+    authority: Authority,
+}
+
+impl Address {
+    pub(crate) fn new(authority: Authority) -> Self {
+        Self {
+            key: authority.as_str().to_ascii_lowercase().into(),
+            authority,
+        }
+    }
+}
+
+impl PartialEq for Address {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Eq for Address {}
+
+impl std::hash::Hash for Address {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key.hash(state);
+    }
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.authority.as_str())
+    }
+}
+
 #[derive(Debug)]
 struct Idle {
     sender: SendRequest<UpstreamBody>,
@@ -60,7 +97,7 @@ struct Idle {
 /// Keep-alive HTTP/1.1 connections to upstreams, for the worker thread that owns it.
 #[derive(Debug)]
 pub(crate) struct UpstreamClient {
-    idle: Mutex<HashMap<Authority, IdleList>>,
+    idle: Mutex<HashMap<Address, IdleList>>,
     /// Whether a task is closing connections that stayed idle too long.
     sweeping: std::sync::atomic::AtomicBool,
     max_idle: usize,
@@ -72,7 +109,7 @@ pub(crate) struct UpstreamClient {
 #[derive(Debug)]
 pub(crate) struct Pooled {
     sender: SendRequest<UpstreamBody>,
-    key: Authority,
+    key: Address,
     client: Arc<UpstreamClient>,
 }
 
@@ -102,19 +139,19 @@ impl UpstreamClient {
     /// could not take (the upstream had just closed it) goes out again on another.
     pub(crate) async fn send(
         self: &Arc<Self>,
-        authority: &Authority,
+        address: &Address,
         mut req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Pooled), UpstreamError> {
         loop {
-            let (mut sender, reused) = match self.checkout(authority) {
+            let (mut sender, reused) = match self.checkout(address) {
                 Some(sender) => (sender, true),
-                None => (self.connect(authority).await?, false),
+                None => (self.connect(&address.authority).await?, false),
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {
                     let pooled = Pooled {
                         sender,
-                        key: authority.clone(),
+                        key: address.clone(),
                         client: Arc::clone(self),
                     };
                     return Ok((response, pooled));
@@ -122,7 +159,7 @@ impl UpstreamClient {
                 Err(mut error) => match error.take_message() {
                     // Never written: safe to send again, whatever the method.
                     Some(unsent) if reused => {
-                        debug!(upstream = %authority, error = %error.error(), "pooled connection closed; sending on another");
+                        debug!(upstream = %address, error = %error.error(), "pooled connection closed; sending on another");
                         req = unsent;
                     }
                     _ => return Err(UpstreamError::Http(error.into_error())),
@@ -132,7 +169,7 @@ impl UpstreamClient {
     }
 
     /// The most recently used idle connection that is ready for a request.
-    fn checkout(&self, key: &Authority) -> Option<SendRequest<UpstreamBody>> {
+    fn checkout(&self, key: &Address) -> Option<SendRequest<UpstreamBody>> {
         let mut idle = lock(&self.idle);
         let list = idle.get_mut(key)?;
         while let Some(i) = list.len().checked_sub(1) {
@@ -147,7 +184,7 @@ impl UpstreamClient {
     }
 
     /// Keeps a connection whose exchange is complete for the next request.
-    fn put(self: &Arc<Self>, key: Authority, sender: SendRequest<UpstreamBody>) {
+    fn put(self: &Arc<Self>, key: Address, sender: SendRequest<UpstreamBody>) {
         if sender.is_closed() {
             return;
         }
@@ -298,8 +335,8 @@ mod tests {
 
     /// One exchange read to its end, its connection given back.
     async fn exchange(client: &Arc<UpstreamClient>, up: &EchoServer, path: &str) {
-        let authority: Authority = up.addr.to_string().parse().unwrap();
-        let (response, pooled) = client.send(&authority, get(up, path)).await.unwrap();
+        let address = Address::new(up.addr.to_string().parse().unwrap());
+        let (response, pooled) = client.send(&address, get(up, path)).await.unwrap();
         assert_eq!(response.status(), 200);
         response.into_body().collect().await.unwrap();
         pooled.release();
@@ -330,7 +367,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_connection_is_a_connect_error() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let address = Address::new(listener.local_addr().unwrap().to_string().parse().unwrap());
         drop(listener);
         let client = Arc::new(UpstreamClient::new(
             2,
@@ -341,7 +378,7 @@ mod tests {
             .uri("/")
             .body(Either::Right(Empty::new()))
             .unwrap();
-        let error = client.send(&authority, request).await.unwrap_err();
+        let error = client.send(&address, request).await.unwrap_err();
         assert!(matches!(error, UpstreamError::Connect(_)), "{error:?}");
         assert!(error.is_connect());
     }

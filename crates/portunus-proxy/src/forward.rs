@@ -584,7 +584,7 @@ async fn send(
         let guard = ActiveGuard::new(Arc::clone(upstream));
         let sent = tokio::time::timeout(
             table.timeouts.response_header,
-            client.send(&upstream.authority, upstream_req),
+            client.send(&upstream.address, upstream_req),
         )
         .await;
         let error = match sent {

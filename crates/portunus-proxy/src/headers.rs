@@ -28,28 +28,46 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::PROXY_AUTHENTICATE,
 ];
 
+/// The lengths of the [`HOP_BY_HOP`] names, as a bit set: a name of another length is not
+/// one of them, found without comparing it with each (checked by a test).
+const HOP_BY_HOP_LENGTHS: u32 = 1 << 2 | 1 << 7 | 1 << 10 | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 19;
+
+/// The index of `name` in [`HOP_BY_HOP`].
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    let len = name.as_str().len();
+    if len >= 32 || HOP_BY_HOP_LENGTHS & (1 << len) == 0 {
+        return None;
+    }
+    HOP_BY_HOP.iter().position(|h| h == name)
+}
+
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names first, then remove only what is there: a miss costs a hash
     // lookup per name, and most messages carry at most `Connection`.
     let mut present = 0u16;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = hop_by_hop_index(name) {
             present |= 1 << i;
         }
     }
     if present == 0 {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
-        // Usually `keep-alive` or `upgrade`, removed below anyway: then nothing is allocated.
+    if present & 1 != 0 {
+        // Usually `keep-alive` or `upgrade`, removed below anyway: nothing is parsed for them.
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .filter(|name| !HOP_BY_HOP.contains(name))
+            .map(str::trim)
+            .filter(|name| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().eq_ignore_ascii_case(name))
+            })
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
             .collect();
         for name in listed {
             headers.remove(name);
@@ -289,6 +307,14 @@ fn is_token(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_lengths_cover_every_name() {
+        let mask = HOP_BY_HOP
+            .iter()
+            .fold(0u32, |mask, name| mask | 1 << name.as_str().len());
+        assert_eq!(mask, HOP_BY_HOP_LENGTHS);
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

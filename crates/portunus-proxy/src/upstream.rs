@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use http::uri::{Authority, Scheme};
 
+use crate::client::Address;
 use crate::settings::LoadBalancing;
 
 /// Why an upstream URL was refused.
@@ -64,7 +65,7 @@ pub(crate) fn parse_upstream(url: &str) -> Result<(Authority, String), UpstreamU
 #[derive(Debug)]
 pub(crate) struct Upstream {
     pub(crate) url: String,
-    pub(crate) authority: Authority,
+    pub(crate) address: Address,
     /// Base path prepended to every request path, without trailing `/` (`""` for none).
     pub(crate) base_path: String,
     active: AtomicUsize,
@@ -117,7 +118,7 @@ impl Pool {
                 parse_upstream(url).map_err(|reason| (url.clone(), reason))?;
             upstreams.push(Arc::new(Upstream {
                 url: url.clone(),
-                authority,
+                address: Address::new(authority),
                 base_path,
                 active: AtomicUsize::new(0),
                 down_until: AtomicU64::new(0),
