@@ -33,17 +33,7 @@ pub fn spawn(instance: Arc<Instance>, path: PathBuf) {
         .unwrap_or_else(|| PathBuf::from("."));
     let name = path.file_name().map(ToOwned::to_owned);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        // Editors and ConfigMaps replace the file through other names in the directory:
-        // any change there may concern it, and the content check below sorts it out.
-        let ours = name.is_none()
-            || event.paths.is_empty()
-            || event.paths.iter().any(|p| p.file_name() == name.as_deref())
-            || event.paths.iter().any(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with(".."))
-            });
-        if ours {
+        if event.is_ok_and(|event| concerns(&event, name.as_deref())) {
             let _ = tx.send(());
         }
     });
@@ -83,4 +73,54 @@ pub fn spawn(instance: Arc<Instance>, path: PathBuf) {
             let _ = instance.reload().await;
         }
     });
+}
+
+/// Whether a change in the watched directory may concern the file `name`. Editors and
+/// ConfigMaps replace the file through other names in the directory: any change there may
+/// concern it, and the content check sorts it out. Reads (opening and closing without
+/// writing) never do: the watcher's own read of the file would otherwise set off another,
+/// every debounce period, for ever.
+fn concerns(event: &notify::Event, name: Option<&std::ffi::OsStr>) -> bool {
+    if matches!(event.kind, notify::EventKind::Access(_)) {
+        return false;
+    }
+    name.is_none()
+        || event.paths.is_empty()
+        || event.paths.iter().any(|p| p.file_name() == name)
+        || event.paths.iter().any(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(".."))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::concerns;
+    use notify::event::{AccessKind, AccessMode, CreateKind, DataChange, ModifyKind};
+    use notify::{Event, EventKind};
+    use std::ffi::OsStr;
+
+    #[test]
+    fn reads_of_the_file_are_not_changes() {
+        let name = Some(OsStr::new("portunus.toml"));
+        let at = |kind| Event::new(kind).add_path("/etc/portunus/portunus.toml".into());
+        assert!(!concerns(
+            &at(EventKind::Access(AccessKind::Open(AccessMode::Any))),
+            name
+        ));
+        assert!(!concerns(
+            &at(EventKind::Access(AccessKind::Close(AccessMode::Read))),
+            name
+        ));
+        assert!(concerns(
+            &at(EventKind::Modify(ModifyKind::Data(DataChange::Any))),
+            name
+        ));
+        assert!(concerns(&at(EventKind::Create(CreateKind::File)), name));
+        // A ConfigMap's symlink swap, and other files.
+        let other =
+            |path: &str| Event::new(EventKind::Create(CreateKind::Any)).add_path(path.into());
+        assert!(concerns(&other("/etc/portunus/..data_tmp"), name));
+        assert!(!concerns(&other("/etc/portunus/other.toml"), name));
+    }
 }
