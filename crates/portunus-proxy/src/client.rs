@@ -134,7 +134,7 @@ impl UpstreamClient {
         }
     }
 
-    /// Sends `req` (origin-form URI, `Host` set) to the upstream at `authority`, on an idle
+    /// Sends `req` (origin-form URI, `Host` set) to the upstream at `address`, on an idle
     /// connection if one is ready, else on a new one. A request that an idle connection
     /// could not take (the upstream had just closed it) goes out again on another.
     pub(crate) async fn send(
