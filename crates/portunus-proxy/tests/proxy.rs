@@ -315,6 +315,77 @@ async fn one_upstream_connection_carries_every_kind_of_exchange_in_turn() {
     assert_eq!(up.accepted_connections(), 1);
 }
 
+/// An upstream that answers one request per connection and then closes it, without saying
+/// so (`Connection: close`): the proxy learns of it only from the socket.
+async fn one_shot_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                // The head, then as many body bytes as it declares.
+                let body_start = loop {
+                    let Ok(n @ 1..) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    seen.extend_from_slice(&buf[..n]);
+                    if let Some(i) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&seen[..body_start]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                while seen.len() < body_start + length {
+                    let Ok(n @ 1..) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_after_each_answer_still_serves_every_request() {
+    let (up, accepted) = one_shot_upstream().await;
+    let r = serve(ProxySettings::new().site(site("a.test", &[format!("http://{up}")]))).await;
+    for i in 0..20 {
+        let reply = if i % 2 == 0 {
+            get(r.addr, "a.test", "/").await.unwrap()
+        } else {
+            request(
+                r.addr,
+                "POST",
+                "a.test",
+                "/p",
+                &[],
+                Bytes::from_static(b"data"),
+            )
+            .await
+            .unwrap()
+        };
+        assert_eq!(
+            (reply.status, &reply.body[..]),
+            (200, &b"ok"[..]),
+            "request {i}"
+        );
+    }
+    assert_eq!(accepted.load(Ordering::Relaxed), 20);
+}
+
 #[tokio::test]
 async fn an_upstream_connection_left_mid_body_is_not_reused() {
     let up = EchoServer::start("up").await.unwrap();
