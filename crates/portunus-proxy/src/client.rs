@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use http::uri::Authority;
 use http::{Request, Response};
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
@@ -50,6 +51,53 @@ impl UpstreamError {
 
 /// Idle connections of one upstream, oldest first.
 type IdleList = Vec<Idle>;
+
+/// How long a pooled connection must have been idle before a request sent on it keeps a
+/// copy of its head, to be sent again should the upstream have closed the connection at that
+/// moment (keep-alive timeouts run from 2 s in gunicorn to 75 s in nginx; under load a
+/// connection is reused within milliseconds).
+const STALE_AFTER: Duration = Duration::from_millis(100);
+
+/// A copy of `req` if sending it twice is safe (RFC 9110 §9.2.2: an idempotent method and
+/// no body).
+fn replayable(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
+    if !matches!(req.body(), Either::Right(_)) || !is_idempotent(req.method()) {
+        return None;
+    }
+    let mut copy = Request::new(Either::Right(Empty::new()));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// RFC 9110 §9.2.2.
+pub(crate) fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Whether the exchange failed before any part of a response arrived, because the
+/// connection was closed or reset under it (or the request was never sent).
+pub(crate) fn closed_before_response(error: &hyper::Error) -> bool {
+    error.is_incomplete_message()
+        || error.is_canceled()
+        || error.is_closed()
+        || std::error::Error::source(error)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::BrokenPipe
+                )
+            })
+}
 
 /// An upstream's address, the key of its idle connections: compared and hashed as one
 /// lowercased string (an [`Authority`] hashes byte by byte, case-folding each).
@@ -135,18 +183,29 @@ impl UpstreamClient {
     }
 
     /// Sends `req` (origin-form URI, `Host` set) to the upstream at `address`, on an idle
-    /// connection if one is ready, else on a new one. A request that an idle connection
-    /// could not take (the upstream had just closed it) goes out again on another.
+    /// connection if one is ready, else on a new one.
+    ///
+    /// An upstream may close an idle connection just as it is reused. A request that the
+    /// connection could not take goes out again on another, whatever its method (it was never
+    /// written). One that was written but got no response at all goes out again on a new
+    /// connection if it is safe to (idempotent, no body) and the connection had been idle for
+    /// [`STALE_AFTER`] or more: only then is a copy of its head kept, so busy connections,
+    /// reused within moments, cost no copy.
     pub(crate) async fn send(
         self: &Arc<Self>,
         address: &Address,
         mut req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Pooled), UpstreamError> {
+        let mut fresh = false;
         loop {
-            let (mut sender, reused) = match self.checkout(address) {
-                Some(sender) => (sender, true),
-                None => (self.connect(&address.authority).await?, false),
+            let pooled = if fresh { None } else { self.checkout(address) };
+            let (mut sender, idle_since) = match pooled {
+                Some((sender, since)) => (sender, Some(since)),
+                None => (self.connect(&address.authority).await?, None),
             };
+            let replay = idle_since
+                .filter(|since| since.elapsed() >= STALE_AFTER)
+                .and_then(|_| replayable(&req));
             match sender.try_send_request(req).await {
                 Ok(response) => {
                     let pooled = Pooled {
@@ -156,11 +215,15 @@ impl UpstreamClient {
                     };
                     return Ok((response, pooled));
                 }
-                Err(mut error) => match error.take_message() {
-                    // Never written: safe to send again, whatever the method.
-                    Some(unsent) if reused => {
+                Err(mut error) => match (error.take_message(), replay) {
+                    (Some(unsent), _) if idle_since.is_some() => {
                         debug!(upstream = %address, error = %error.error(), "pooled connection closed; sending on another");
                         req = unsent;
+                    }
+                    (None, Some(copy)) if closed_before_response(error.error()) => {
+                        debug!(upstream = %address, error = %error.error(), "long-idle pooled connection closed before answering; sending again on a new one");
+                        req = copy;
+                        fresh = true;
                     }
                     _ => return Err(UpstreamError::Http(error.into_error())),
                 },
@@ -168,14 +231,15 @@ impl UpstreamClient {
         }
     }
 
-    /// The most recently used idle connection that is ready for a request.
-    fn checkout(&self, key: &Address) -> Option<SendRequest<UpstreamBody>> {
+    /// The most recently used idle connection that is ready for a request, and since when it
+    /// has been idle.
+    fn checkout(&self, key: &Address) -> Option<(SendRequest<UpstreamBody>, Instant)> {
         let mut idle = lock(&self.idle);
         let list = idle.get_mut(key)?;
         while let Some(i) = list.len().checked_sub(1) {
             let entry = list.swap_remove(i);
             if entry.sender.is_ready() {
-                return Some(entry.sender);
+                return Some((entry.sender, entry.since));
             }
             // Closed by the upstream, or still finishing its last exchange (rare: the
             // connection's task runs before the body's end is seen): let it go.

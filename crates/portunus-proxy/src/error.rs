@@ -150,19 +150,7 @@ impl RequestError {
         match self {
             Self::NoUpstream(Some(e)) => e.is_connect(),
             Self::UpstreamFailed(crate::UpstreamError::Http(h)) => {
-                h.is_incomplete_message()
-                    || h.is_canceled()
-                    || h.is_closed()
-                    || std::error::Error::source(h)
-                        .and_then(|s| s.downcast_ref::<std::io::Error>())
-                        .is_some_and(|io| {
-                            matches!(
-                                io.kind(),
-                                std::io::ErrorKind::ConnectionReset
-                                    | std::io::ErrorKind::ConnectionAborted
-                                    | std::io::ErrorKind::BrokenPipe
-                            )
-                        })
+                crate::client::closed_before_response(h)
             }
             Self::UpstreamFailed(e) => e.is_connect(),
             _ => false,

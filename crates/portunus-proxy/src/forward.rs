@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::body::{BodyError, CUT_MALFORMED, CUT_STALLED, CUT_TOO_LARGE, LimitedBody, ProxyBody};
-use crate::client::{Pooled, UpstreamClient};
+use crate::client::{Pooled, UpstreamClient, is_idempotent};
 use crate::conn::Activity;
 use crate::error::RequestError;
 use crate::headers::{ClientConn, has_token, remove_hop_by_hop, rewrite_request};
@@ -686,14 +686,6 @@ fn upstream_path(
         path_and_query.push_str(query);
     }
     Uri::try_from(path_and_query).map_err(|_| RequestError::InvalidTarget)
-}
-
-/// RFC 9110 §9.2.2.
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 #[cfg(test)]

@@ -315,52 +315,65 @@ async fn one_upstream_connection_carries_every_kind_of_exchange_in_turn() {
     assert_eq!(up.accepted_connections(), 1);
 }
 
-/// An upstream that answers one request per connection and then closes it, without saying
-/// so (`Connection: close`): the proxy learns of it only from the socket.
-async fn one_shot_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+/// Reads one request (its head, then as many body bytes as it declares); false at EOF.
+async fn read_request(s: &mut TcpStream) -> bool {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let body_start = loop {
+        let Ok(n @ 1..) = s.read(&mut buf).await else {
+            return false;
+        };
+        seen.extend_from_slice(&buf[..n]);
+        if let Some(i) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&seen[..body_start]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    while seen.len() < body_start + length {
+        let Ok(n @ 1..) = s.read(&mut buf).await else {
+            return false;
+        };
+        seen.extend_from_slice(&buf[..n]);
+    }
+    true
+}
+
+/// An upstream that answers one request per connection and then closes it without saying
+/// so (no `Connection: close`): at once, or (`on_next_request`) only when the next request
+/// has arrived, which it never answers, as when a keep-alive timeout strikes just as the
+/// connection is reused. Counts the requests it saw.
+async fn one_shot_upstream(on_next_request: bool) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = Arc::clone(&accepted);
+    let requests = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&requests);
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::Relaxed);
+            let count = Arc::clone(&count);
             tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 4096];
-                // The head, then as many body bytes as it declares.
-                let body_start = loop {
-                    let Ok(n @ 1..) = s.read(&mut buf).await else {
-                        return;
-                    };
-                    seen.extend_from_slice(&buf[..n]);
-                    if let Some(i) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                };
-                let head = String::from_utf8_lossy(&seen[..body_start]).to_ascii_lowercase();
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .map_or(0, |v| v.trim().parse().unwrap());
-                while seen.len() < body_start + length {
-                    let Ok(n @ 1..) = s.read(&mut buf).await else {
-                        return;
-                    };
-                    seen.extend_from_slice(&buf[..n]);
+                if !read_request(&mut s).await {
+                    return;
                 }
+                count.fetch_add(1, Ordering::Relaxed);
                 let _ = s
                     .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                     .await;
+                if on_next_request && read_request(&mut s).await {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
             });
         }
     });
-    (addr, accepted)
+    (addr, requests)
 }
 
 #[tokio::test]
 async fn an_upstream_that_closes_after_each_answer_still_serves_every_request() {
-    let (up, accepted) = one_shot_upstream().await;
+    let (up, requests) = one_shot_upstream(false).await;
     let r = serve(ProxySettings::new().site(site("a.test", &[format!("http://{up}")]))).await;
     for i in 0..20 {
         let reply = if i % 2 == 0 {
@@ -383,7 +396,35 @@ async fn an_upstream_that_closes_after_each_answer_still_serves_every_request() 
             "request {i}"
         );
     }
-    assert_eq!(accepted.load(Ordering::Relaxed), 20);
+    assert_eq!(requests.load(Ordering::Relaxed), 20);
+}
+
+#[tokio::test]
+async fn a_request_lost_on_a_long_idle_connection_is_sent_again_only_if_safe() {
+    let (up, requests) = one_shot_upstream(true).await;
+    let r = serve(ProxySettings::new().site(site("a.test", &[format!("http://{up}")]))).await;
+    let first = get(r.addr, "a.test", "/1").await.unwrap();
+    assert_eq!(first.status, 200);
+    // The connection has been idle a while when the next request takes it; the upstream
+    // reads that request and closes without an answer. A GET is safe to send again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = get(r.addr, "a.test", "/2").await.unwrap();
+    assert_eq!((again.status, &again.body[..]), (200, &b"ok"[..]));
+    assert_eq!(requests.load(Ordering::Relaxed), 3, "/1, /2 lost, /2 again");
+    // A POST may have been acted on: it is not sent twice.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let post = request(
+        r.addr,
+        "POST",
+        "a.test",
+        "/3",
+        &[],
+        Bytes::from_static(b"x"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(post.status, 502);
+    assert_eq!(requests.load(Ordering::Relaxed), 4);
 }
 
 #[tokio::test]
