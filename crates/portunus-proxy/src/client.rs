@@ -56,7 +56,7 @@ type IdleList = Vec<Idle>;
 /// copy of its head, to be sent again should the upstream have closed the connection at that
 /// moment (keep-alive timeouts run from 2 s in gunicorn to 75 s in nginx; under load a
 /// connection is reused within milliseconds).
-const STALE_AFTER: Duration = Duration::from_millis(100);
+const STALE_AFTER: Duration = Duration::from_secs(1);
 
 /// A copy of `req` if sending it twice is safe (RFC 9110 §9.2.2: an idempotent method and
 /// no body).

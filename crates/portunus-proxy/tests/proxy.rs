@@ -407,12 +407,12 @@ async fn a_request_lost_on_a_long_idle_connection_is_sent_again_only_if_safe() {
     assert_eq!(first.status, 200);
     // The connection has been idle a while when the next request takes it; the upstream
     // reads that request and closes without an answer. A GET is safe to send again.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     let again = get(r.addr, "a.test", "/2").await.unwrap();
     assert_eq!((again.status, &again.body[..]), (200, &b"ok"[..]));
     assert_eq!(requests.load(Ordering::Relaxed), 3, "/1, /2 lost, /2 again");
     // A POST may have been acted on: it is not sent twice.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     let post = request(
         r.addr,
         "POST",
