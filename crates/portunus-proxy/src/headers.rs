@@ -130,6 +130,9 @@ pub(crate) struct ClientConn {
     forwarded: String,
     /// The local port (`X-Forwarded-Port`).
     port: HeaderValue,
+    /// This hop's whole `Forwarded` element for the first host asked for: a connection's
+    /// requests are nearly always for one host, so it is built once, not per request.
+    forwarded_for_host: std::sync::OnceLock<(Box<str>, Option<HeaderValue>)>,
 }
 
 impl ClientConn {
@@ -146,7 +149,21 @@ impl ClientConn {
             ip: value(peer.to_string()),
             forwarded,
             port: value(local_port.to_string()),
+            forwarded_for_host: std::sync::OnceLock::new(),
         }
+    }
+
+    /// This hop's `Forwarded` element for a request to `host`, with no earlier hops.
+    fn forwarded_for(&self, host: &str) -> Option<HeaderValue> {
+        if let Some((cached, value)) = self.forwarded_for_host.get()
+            && **cached == *host
+        {
+            return value.clone();
+        }
+        let value = forwarded_value(self, host, None);
+        // The first host asked for stays; another is built each time.
+        let _ = self.forwarded_for_host.set((host.into(), value.clone()));
+        value
     }
 }
 
@@ -193,7 +210,7 @@ pub(crate) fn set_forwarded(
     headers.reserve(FORWARDED_NAMES.len());
     headers.insert(X_REAL_IP, conn.ip.clone());
     headers.insert(X_FORWARDED_FOR, conn.ip.clone());
-    if let Some(forwarded) = forwarded_value(conn, host, None) {
+    if let Some(forwarded) = conn.forwarded_for(host) {
         headers.insert(header::FORWARDED, forwarded);
     }
     headers.insert(X_FORWARDED_PROTO, proto_value(conn.tls));
@@ -359,6 +376,21 @@ mod tests {
     fn forward(h: &mut HeaderMap, peer: &str, nets: &[IpNet], host: &str) {
         let conn = ClientConn::new(peer.parse().unwrap(), 8080, false);
         set_forwarded(h, &conn, nets, host, &HeaderValue::from_str(host).unwrap());
+    }
+
+    #[test]
+    fn forwarded_follows_each_request_host_on_one_connection() {
+        let conn = ClientConn::new("192.0.2.7".parse().unwrap(), 8080, false);
+        for host in ["a.test", "b.test", "a.test", "[::1]:8080", "b.test"] {
+            let mut h = HeaderMap::new();
+            set_forwarded(&mut h, &conn, &[], host, &HeaderValue::from_str(host).unwrap());
+            let expected = if host.starts_with('[') {
+                format!("for=192.0.2.7;proto=http;host=\"{host}\"")
+            } else {
+                format!("for=192.0.2.7;proto=http;host={host}")
+            };
+            assert_eq!(h["forwarded"], expected.as_str(), "{host}");
+        }
     }
 
     #[test]
