@@ -383,7 +383,13 @@ mod tests {
         let conn = ClientConn::new("192.0.2.7".parse().unwrap(), 8080, false);
         for host in ["a.test", "b.test", "a.test", "[::1]:8080", "b.test"] {
             let mut h = HeaderMap::new();
-            set_forwarded(&mut h, &conn, &[], host, &HeaderValue::from_str(host).unwrap());
+            set_forwarded(
+                &mut h,
+                &conn,
+                &[],
+                host,
+                &HeaderValue::from_str(host).unwrap(),
+            );
             let expected = if host.starts_with('[') {
                 format!("for=192.0.2.7;proto=http;host=\"{host}\"")
             } else {
