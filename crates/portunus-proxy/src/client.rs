@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::forward::UpstreamBody;
+use crate::proxy::lock;
 
 /// Why an upstream request failed.
 #[derive(Debug, thiserror::Error)]
@@ -374,11 +375,6 @@ async fn open(authority: &Authority) -> Result<TcpStream, UpstreamError> {
             "the name resolved to no address",
         )
     })))
-}
-
-/// Locks `m`, ignoring poisoning: the idle lists stay usable.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -54,6 +54,7 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
+    // Bit 0: `Connection`, the first of HOP_BY_HOP.
     if present & 1 != 0 {
         // Usually `keep-alive` or `upgrade`, removed below anyway: nothing is parsed for them.
         let listed: Vec<HeaderName> = headers

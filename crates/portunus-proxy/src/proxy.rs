@@ -313,8 +313,8 @@ const UPSTREAM_IDLE_PER_HOST: usize = 1024;
 /// How long an idle upstream connection is kept (Traefik's default too).
 const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Locks `m`, ignoring poisoning: the counts and maps it guards stay usable.
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks `m`, ignoring poisoning: the counts, maps and idle lists it guards stay usable.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 

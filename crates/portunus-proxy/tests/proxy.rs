@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use portunus_proxy::{
     Handler, LoadBalancing, Proxy, ProxySettings, RouteSettings, SiteSettings, Timeouts,
 };
-use portunus_test_utils::{EchoServer, get, request, wait_until};
+use portunus_test_utils::{EchoServer, get, read_until, request, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -317,29 +317,17 @@ async fn one_upstream_connection_carries_every_kind_of_exchange_in_turn() {
 
 /// Reads one request (its head, then as many body bytes as it declares); false at EOF.
 async fn read_request(s: &mut TcpStream) -> bool {
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    let body_start = loop {
-        let Ok(n @ 1..) = s.read(&mut buf).await else {
-            return false;
-        };
-        seen.extend_from_slice(&buf[..n]);
-        if let Some(i) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
+    let got = read_until(s, "\r\n\r\n").await;
+    let Some(body_start) = got.find("\r\n\r\n").map(|i| i + 4) else {
+        return false;
     };
-    let head = String::from_utf8_lossy(&seen[..body_start]).to_ascii_lowercase();
-    let length: usize = head
+    let length: usize = got[..body_start]
+        .to_ascii_lowercase()
         .lines()
         .find_map(|l| l.strip_prefix("content-length:"))
         .map_or(0, |v| v.trim().parse().unwrap());
-    while seen.len() < body_start + length {
-        let Ok(n @ 1..) = s.read(&mut buf).await else {
-            return false;
-        };
-        seen.extend_from_slice(&buf[..n]);
-    }
-    true
+    let mut rest = vec![0u8; (body_start + length).saturating_sub(got.len())];
+    s.read_exact(&mut rest).await.is_ok()
 }
 
 /// An upstream that answers one request per connection and then closes it without saying
