@@ -713,6 +713,9 @@ impl Connection {
             .timer(TokioTimer::new())
             .header_read_timeout(None)
             .keep_alive(true)
+            // As the upstream side: a response's head and body go out as one buffer, copied
+            // together (h1, both sides: 42.4k -> 41.6k instructions per request).
+            .writev(false)
             .max_headers(self.shared.max_headers)
             .max_buf_size(self.shared.max_header_bytes.max(8192));
         builder
