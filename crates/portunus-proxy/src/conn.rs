@@ -185,6 +185,62 @@ impl Activity {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A future polled only after it has woken its task (and once at first): for what a
+    /// connection's task waits on beside the connection itself (the server draining, its
+    /// watchdog), which would otherwise be polled again on every wake-up of the connection,
+    /// each poll of a `CancellationToken`'s future taking its `Notify`'s lock.
+    pub(crate) struct WhenWoken<F> {
+        #[pin]
+        inner: F,
+        flag: Arc<WakeFlag>,
+        waker: std::task::Waker,
+    }
+}
+
+/// Whether a [`WhenWoken`] future has been woken since it was last polled, and the task to
+/// wake in its turn.
+#[derive(Debug, Default)]
+pub(crate) struct WakeFlag {
+    woken: AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: std::future::Future> WhenWoken<F> {
+    pub(crate) fn new(inner: F) -> Self {
+        let flag = Arc::new(WakeFlag {
+            woken: AtomicBool::new(true),
+            task: futures_util::task::AtomicWaker::new(),
+        });
+        let waker = std::task::Waker::from(Arc::clone(&flag));
+        Self { inner, flag, waker }
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for WhenWoken<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        this.flag.task.register(cx.waker());
+        if !this.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        this.inner.poll(&mut Context::from_waker(this.waker))
+    }
+}
+
 /// Counts one request as in flight on its connection until dropped.
 #[derive(Debug)]
 pub(crate) struct RequestGuard(Arc<Activity>);
@@ -525,6 +581,49 @@ impl<T: AsyncWrite> AsyncWrite for TrackedIo<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts how often a task is woken.
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_when_woken_future_is_polled_only_after_waking_its_task() {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let polls = Arc::new(AtomicUsize::new(0));
+        let (n, p) = (Arc::clone(&notify), Arc::clone(&polls));
+        let mut notified = Box::pin(async move { n.notified().await });
+        let inner = std::future::poll_fn(move |cx| {
+            p.fetch_add(1, Ordering::Relaxed);
+            notified.as_mut().poll(cx).map(|()| 7)
+        });
+        let mut future = Box::pin(WhenWoken::new(inner));
+        let wakes = Arc::new(Wakes::default());
+        let waker = std::task::Waker::from(Arc::clone(&wakes));
+        let mut cx = Context::from_waker(&waker);
+
+        assert!(future.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(polls.load(Ordering::Relaxed), 1, "polled once at first");
+        for _ in 0..3 {
+            assert!(future.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(polls.load(Ordering::Relaxed), 1, "not again until woken");
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 0);
+
+        notify.notify_one();
+        assert_eq!(
+            wakes.0.load(Ordering::Relaxed),
+            1,
+            "its wake reaches the task"
+        );
+        assert_eq!(future.as_mut().poll(&mut cx), Poll::Ready(7));
+        assert_eq!(polls.load(Ordering::Relaxed), 2);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn idle_fires_only_without_requests() {

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -21,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, info, warn};
 
 use crate::client::UpstreamClient;
-use crate::conn::{Activity, Expired, ParkPolicy, ParkableIo, TrackedIo};
+use crate::conn::{Activity, Expired, ParkPolicy, ParkableIo, TrackedIo, WhenWoken};
 use crate::error::{Error, Result};
 use crate::forward::{Action, ConnCtx, SiteInfo, Table, Target, handle};
 use crate::headers::ClientConn;
@@ -775,43 +776,76 @@ where
     E: std::fmt::Display,
 {
     let timeouts = shared.table.load().timeouts;
-    let mut draining = false;
-    let watchdog = ctx.activity.expired(timeouts.idle, timeouts.header_read);
-    tokio::pin!(watchdog);
-    loop {
+    // What the connection waits on beside itself, polled only when one of them woke it.
+    let serving = WhenWoken::new(async {
         tokio::select! {
-            result = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
-                std::task::Poll::Pending if parks && ctx.activity.take_park() => {
-                    std::task::Poll::Ready(None)
+            biased;
+            () = ctx.force.cancelled() => Event::Force,
+            () = drain.cancelled() => Event::Drain,
+            expired = ctx.activity.expired(timeouts.idle, timeouts.header_read) => {
+                Event::Expired(expired)
+            }
+        }
+    });
+    let forced = WhenWoken::new(ctx.force.cancelled());
+    tokio::pin!(serving, forced);
+    let mut draining = false;
+    loop {
+        let step = std::future::poll_fn(|cx| {
+            match conn.as_mut().poll(cx) {
+                Poll::Ready(result) => return Poll::Ready(Step::Ended(result)),
+                Poll::Pending if parks && ctx.activity.take_park() => {
+                    return Poll::Ready(Step::Park);
                 }
-                polled => polled.map(Some),
-            }) => {
-                let Some(result) = result else {
-                    return Ended::Parked;
-                };
+                Poll::Pending => {}
+            }
+            if draining {
+                forced.as_mut().poll(cx).map(|()| Step::Event(Event::Force))
+            } else {
+                serving.as_mut().poll(cx).map(Step::Event)
+            }
+        })
+        .await;
+        match step {
+            Step::Ended(result) => {
                 if let Err(error) = result {
                     debug!(%error, "connection ended with an error");
                 }
                 return Ended::Closed;
             }
-            () = drain.cancelled(), if !draining => {
+            Step::Park => return Ended::Parked,
+            Step::Event(Event::Force) => return Ended::Closed,
+            Step::Event(Event::Drain) => {
                 draining = true;
                 conn.as_mut().drain();
             }
-            expired = &mut watchdog, if !draining => match expired {
-                Expired::Idle => {
-                    debug!("idle timeout");
-                    draining = true;
-                    conn.as_mut().drain();
-                }
-                Expired::HeaderRead => {
-                    debug!("request head timeout");
-                    return Ended::Closed;
-                }
-            },
-            () = ctx.force.cancelled() => return Ended::Closed,
+            Step::Event(Event::Expired(Expired::Idle)) => {
+                debug!("idle timeout");
+                draining = true;
+                conn.as_mut().drain();
+            }
+            Step::Event(Event::Expired(Expired::HeaderRead)) => {
+                debug!("request head timeout");
+                return Ended::Closed;
+            }
         }
     }
+}
+
+/// What [`drive`] waits on beside the connection.
+enum Event {
+    /// The server drains: finish what is in flight, take nothing new.
+    Drain,
+    /// The drain time is over: close at once.
+    Force,
+    Expired(Expired),
+}
+
+/// One step of [`drive`].
+enum Step<E> {
+    Ended(std::result::Result<(), E>),
+    Park,
+    Event(Event),
 }
 
 /// A client's stream, over TCP: its socket can be watched for bytes without reading them.
