@@ -716,3 +716,46 @@ async fn h2_get_ok(addr: SocketAddr) {
         .unwrap();
     assert_eq!(response.await.unwrap().status(), 200);
 }
+
+/// Once the drain time is over, a request still in flight is cut: its connection is closed
+/// without an answer and serving ends, long before the upstream would have answered.
+#[tokio::test]
+async fn in_flight_requests_are_cut_when_the_drain_time_is_over() {
+    let up = EchoServer::start("up").await.unwrap();
+    let site = SiteSettings::new("a", ["a.test"])
+        .upstreams([up.url()])
+        .tls(false);
+    let settings = ProxySettings::new()
+        .site(site)
+        .timeouts(Timeouts::default().shutdown(Duration::from_millis(300)));
+    let proxy = Proxy::new(settings).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let done = tokio::spawn(async move { proxy.serve(listener, s.cancelled_owned()).await });
+
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    client
+        .write_all(b"GET /slow?ms=20000 HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        portunus_test_utils::wait_until(Duration::from_secs(5), || !up.seen().is_empty()).await,
+        "the request reaches the upstream"
+    );
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), done)
+        .await
+        .expect("serving ends once the drain time is over, not when the upstream answers")
+        .unwrap()
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the client's connection is closed");
+    assert!(
+        rest.is_empty(),
+        "no answer: {}",
+        String::from_utf8_lossy(&rest)
+    );
+}
