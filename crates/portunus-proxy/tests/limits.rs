@@ -2,6 +2,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,14 +16,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use common::Serving;
+
 async fn serve(settings: ProxySettings) -> (SocketAddr, CancellationToken) {
-    let proxy = Proxy::new(settings).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    tokio::spawn(async move { proxy.serve(listener, s.cancelled_owned()).await });
-    (addr, stop)
+    let serving = Serving::plain(settings).await;
+    (serving.addr, serving.stop)
 }
 
 /// Sends raw bytes and returns what came back until the peer closed or 5 s passed.
@@ -728,12 +727,9 @@ async fn in_flight_requests_are_cut_when_the_drain_time_is_over() {
     let settings = ProxySettings::new()
         .site(site)
         .timeouts(Timeouts::default().shutdown(Duration::from_millis(300)));
-    let proxy = Proxy::new(settings).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    let done = tokio::spawn(async move { proxy.serve(listener, s.cancelled_owned()).await });
+    let Serving {
+        addr, stop, done, ..
+    } = Serving::plain(settings).await;
 
     let mut client = TcpStream::connect(addr).await.unwrap();
     client

@@ -9,13 +9,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::time::Duration;
 
-use portunus_proxy::{Proxy, ProxySettings, SiteSettings};
+use portunus_proxy::{ProxySettings, SiteSettings};
 use portunus_test_utils::{EchoServer, read_until, wait_until};
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpStream;
+
+use common::Serving;
 
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
@@ -41,16 +44,6 @@ async fn open(addr: std::net::SocketAddr, n: usize, held: &mut Vec<TcpStream>) {
     }
 }
 
-fn parked(proxy: &Proxy, addr: std::net::SocketAddr) -> usize {
-    let line = format!("portunus_connections_parked{{listener=\"{addr}\"}} ");
-    proxy
-        .metrics_text()
-        .lines()
-        .find_map(|l| l.strip_prefix(&line))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn a_parked_connection_keeps_little_memory() {
     let _profiler = dhat::Profiler::builder().testing().build();
@@ -62,19 +55,23 @@ async fn a_parked_connection_keeps_little_memory() {
     let settings = ProxySettings::new()
         .site(site)
         .max_connections(4 * BATCH, 4 * BATCH);
-    let proxy = Proxy::new(settings).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let (p, s) = (proxy.clone(), stop.clone());
-    let done = tokio::spawn(async move { p.serve(listener, s.cancelled_owned()).await.unwrap() });
+    let Serving {
+        addr,
+        proxy,
+        stop,
+        done,
+    } = Serving::plain(settings).await;
 
     // A first batch warms up what does not grow with connections (the upstream pool, the
     // metrics, tokio's slabs); the second one's cost is all per connection.
     let mut held = Vec::new();
     open(addr, BATCH, &mut held).await;
     let proxy = &proxy;
-    let parked_all = |n| wait_until(Duration::from_secs(10), move || parked(proxy, addr) == n);
+    let parked_all = |n| {
+        wait_until(Duration::from_secs(10), move || {
+            common::parked(proxy, addr) == n
+        })
+    };
     assert!(parked_all(BATCH).await, "the first batch parks");
     let before = dhat::HeapStats::get().curr_bytes;
     open(addr, BATCH, &mut held).await;
@@ -88,5 +85,5 @@ async fn a_parked_connection_keeps_little_memory() {
 
     drop(held);
     stop.cancel();
-    done.await.unwrap();
+    done.await.unwrap().unwrap();
 }

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,12 +36,7 @@ struct Served {
 impl Served {
     /// `portunus_connections_parked` of the one listener.
     fn parked(&self) -> usize {
-        let text = self.proxy.metrics_text();
-        let line = format!("portunus_connections_parked{{listener=\"{}\"}} ", self.addr);
-        text.lines()
-            .find_map(|l| l.strip_prefix(&line))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no parked gauge in\n{text}"))
+        common::parked(&self.proxy, self.addr)
     }
 
     async fn connect(&self) -> Box<dyn Stream> {
