@@ -9,30 +9,23 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::client::Pooled;
+use crate::client::{ResponseBody, UpstreamError};
 use crate::conn::{BodyEnd, RequestGuard};
 use crate::upstream::ActiveGuard;
 
-pin_project_lite::pin_project! {
-    /// A response body sent to a client.
-    #[derive(Debug)]
-    pub struct ProxyBody {
-        #[pin]
-        inner: Inner,
-        upstream: Option<ActiveGuard>,
-        // The upstream connection, back to its pool once the body has been read to its end.
-        connection: Option<Pooled>,
-        request: Option<RequestGuard>,
-    }
+/// A response body sent to a client.
+#[derive(Debug)]
+pub struct ProxyBody {
+    inner: Inner,
+    /// Counts the request as in flight on its upstream until the body has been read.
+    upstream: Option<ActiveGuard>,
+    request: Option<RequestGuard>,
 }
 
-pin_project_lite::pin_project! {
-    #[project = InnerProj]
-    #[derive(Debug)]
-    enum Inner {
-        Upstream { #[pin] body: Incoming },
-        Full { data: Option<Bytes> },
-    }
+#[derive(Debug)]
+enum Inner {
+    Upstream(ResponseBody),
+    Full(Option<Bytes>),
 }
 
 impl ProxyBody {
@@ -40,11 +33,8 @@ impl ProxyBody {
     pub fn full(data: impl Into<Bytes>) -> Self {
         let data = data.into();
         Self {
-            inner: Inner::Full {
-                data: (!data.is_empty()).then_some(data),
-            },
+            inner: Inner::Full((!data.is_empty()).then_some(data)),
             upstream: None,
-            connection: None,
             request: None,
         }
     }
@@ -54,20 +44,14 @@ impl ProxyBody {
         Self::full(Bytes::new())
     }
 
-    /// An upstream's response body, read from `connection`; a body that is already complete
-    /// (none at all, as for `HEAD`, `204` or `304`) gives the connection back at once.
-    pub(crate) fn upstream(body: Incoming, guard: ActiveGuard, connection: Pooled) -> Self {
+    /// An upstream's response body; it counts on `guard`'s upstream until read to its end.
+    pub(crate) fn upstream(body: ResponseBody, guard: ActiveGuard) -> Self {
         let complete = body.is_end_stream();
-        let mut this = Self {
-            inner: Inner::Upstream { body },
-            upstream: Some(guard),
-            connection: Some(connection),
+        Self {
+            inner: Inner::Upstream(body),
+            upstream: (!complete).then_some(guard),
             request: None,
-        };
-        if complete {
-            upstream_done(&mut this.connection, &mut this.upstream);
         }
-        this
     }
 
     pub(crate) fn with_request_guard(mut self, guard: RequestGuard) -> Self {
@@ -76,45 +60,27 @@ impl ProxyBody {
     }
 }
 
-/// The upstream's body was read to its end: its connection can take the next request, and
-/// the request no longer counts as in flight there.
-fn upstream_done(connection: &mut Option<Pooled>, guard: &mut Option<ActiveGuard>) {
-    guard.take();
-    if let Some(connection) = connection.take() {
-        connection.release();
-    }
-}
-
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.project();
-        let (polled, complete) = match this.inner.project() {
-            InnerProj::Upstream { mut body } => {
-                let polled = body.as_mut().poll_frame(cx);
-                let complete = match &polled {
-                    Poll::Ready(None) => true,
-                    Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
-                    _ => false,
-                };
-                (polled, complete)
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.inner {
+            Inner::Upstream(body) => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                if body.is_end_stream() {
+                    this.upstream.take();
+                }
+                polled
             }
-            InnerProj::Full { data } => {
-                (Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))), false)
-            }
+            Inner::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         };
-        if complete {
-            upstream_done(this.connection, this.upstream);
-        }
         if let Poll::Ready(None | Some(Err(_))) = polled {
-            // Finished: the request no longer counts as in flight; after an error the
-            // upstream connection is dropped (closed), not pooled.
-            this.connection.take();
+            // Finished: the request no longer counts as in flight.
             this.upstream.take();
             this.request.take();
         }
@@ -123,17 +89,15 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            Inner::Upstream { body } => body.is_end_stream(),
-            Inner::Full { data } => data.is_none(),
+            Inner::Upstream(body) => body.is_end_stream(),
+            Inner::Full(data) => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            Inner::Upstream { body } => body.size_hint(),
-            Inner::Full { data } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
+            Inner::Upstream(body) => body.size_hint(),
+            Inner::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
         }
     }
 }

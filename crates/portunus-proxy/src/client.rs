@@ -1,29 +1,27 @@
 //! The upstream client: keep-alive HTTP/1.1 connections to upstreams, pooled per worker.
 //!
 //! Each worker thread has its own [`UpstreamClient`], so a pooled connection is driven by the
-//! thread that uses it. A connection goes back to the pool the moment its response body has
-//! been read to the end (a response without a body: at once), and is taken out again newest
-//! first, so a steady load keeps reusing the same few warm connections. Compared with
-//! hyper-util's pooled client this saves, per request, a task spawned to watch the connection
-//! become idle again, the boxing of the request and connect futures, and a key of scheme and
-//! authority cloned and hashed twice.
+//! thread that uses it, by the task of the request using it (the codec is [`crate::wire`]). A
+//! connection goes back to the pool the moment its response body has been read to the end (a
+//! response without a body: at once), and is taken out again newest first, so a steady load
+//! keeps reusing the same few warm connections.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::Response;
 use http::uri::Authority;
-use http::{Request, Response};
-use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use http_body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::forward::UpstreamBody;
 use crate::proxy::lock;
+use crate::wire::{self, BoxError, Conn, Decoder, Exchange, MalformedResponse, Outgoing, Reading};
 
 /// Why an upstream request failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,40 +36,48 @@ pub enum UpstreamError {
     /// No connection was made within the connect timeout.
     #[error("connecting to the upstream timed out")]
     ConnectTimeout,
-    /// The exchange on an open connection failed.
-    #[error("the upstream connection failed")]
-    Http(#[source] hyper::Error),
+    /// The upstream closed or reset the connection before its response head was complete.
+    #[error("the upstream closed the connection before answering")]
+    Closed(#[source] Option<std::io::Error>),
+    /// Reading the response body failed.
+    #[error("reading from the upstream failed")]
+    Io(#[source] std::io::Error),
+    /// The upstream closed the connection before the end of the response body.
+    #[error("the upstream closed the connection before the response's end")]
+    Truncated,
+    /// The upstream's response is not valid HTTP/1.1.
+    #[error("the upstream's response is malformed")]
+    Malformed(#[source] MalformedResponse),
+    /// The client's request body failed while it was being sent (too large, stalled, or
+    /// malformed).
+    #[error("the request body could not be sent")]
+    RequestBody(#[source] BoxError),
 }
 
 impl UpstreamError {
     /// Whether no connection was made: the upstream never saw the request.
     pub fn is_connect(&self) -> bool {
-        !matches!(self, Self::Http(_))
+        matches!(
+            self,
+            Self::Resolve(_) | Self::Connect(_) | Self::ConnectTimeout
+        )
+    }
+
+    /// Whether the exchange failed before any complete response head arrived, because the
+    /// upstream closed or reset the connection under it.
+    pub fn closed_before_response(&self) -> bool {
+        matches!(self, Self::Closed(_))
     }
 }
 
 /// Idle connections of one upstream, oldest first.
 type IdleList = Vec<Idle>;
 
-/// How long a pooled connection must have been idle before a request sent on it keeps a
-/// copy of its head, to be sent again should the upstream have closed the connection at that
-/// moment (keep-alive timeouts run from 2 s in gunicorn to 75 s in nginx; under load a
-/// connection is reused within milliseconds).
+/// How long a pooled connection must have been idle before a request lost on it (written,
+/// then the connection closed without an answer) is sent again: an upstream's keep-alive
+/// timeout may have struck just as it was reused (they run from 2 s in gunicorn to 75 s in
+/// nginx; under load a connection is reused within milliseconds).
 const STALE_AFTER: Duration = Duration::from_secs(1);
-
-/// A copy of `req` if sending it twice is safe (RFC 9110 §9.2.2: an idempotent method and
-/// no body).
-fn replayable(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
-    if !matches!(req.body(), Either::Right(_)) || !is_idempotent(req.method()) {
-        return None;
-    }
-    let mut copy = Request::new(Either::Right(Empty::new()));
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    Some(copy)
-}
 
 /// RFC 9110 §9.2.2.
 pub(crate) fn is_idempotent(method: &http::Method) -> bool {
@@ -82,44 +88,30 @@ pub(crate) fn is_idempotent(method: &http::Method) -> bool {
     )
 }
 
-/// Whether the exchange failed before any part of a response arrived, because the
-/// connection was closed or reset under it (or the request was never sent).
-pub(crate) fn closed_before_response(error: &hyper::Error) -> bool {
-    error.is_incomplete_message()
-        || error.is_canceled()
-        || error.is_closed()
-        || std::error::Error::source(error)
-            .and_then(|s| s.downcast_ref::<std::io::Error>())
-            .is_some_and(|io| {
-                matches!(
-                    io.kind(),
-                    std::io::ErrorKind::ConnectionReset
-                        | std::io::ErrorKind::ConnectionAborted
-                        | std::io::ErrorKind::BrokenPipe
-                )
-            })
-}
-
 /// An upstream's address, the key of its idle connections: compared and hashed as one
-/// lowercased string (an [`Authority`] hashes byte by byte, case-folding each).
+/// lowercased string (an [`Authority`] hashes byte by byte, case-folding each). Cloned with
+/// one reference count: each lent connection keeps one, to find its way back.
 #[derive(Debug, Clone)]
-pub(crate) struct Address {
-    key: Arc<str>,
+pub(crate) struct Address(Arc<AddressInner>);
+
+#[derive(Debug)]
+struct AddressInner {
+    key: Box<str>,
     authority: Authority,
 }
 
 impl Address {
     pub(crate) fn new(authority: Authority) -> Self {
-        Self {
+        Self(Arc::new(AddressInner {
             key: authority.as_str().to_ascii_lowercase().into(),
             authority,
-        }
+        }))
     }
 }
 
 impl PartialEq for Address {
     fn eq(&self, other: &Self) -> bool {
-        self.key == other.key
+        self.0.key == other.0.key
     }
 }
 
@@ -127,19 +119,19 @@ impl Eq for Address {}
 
 impl std::hash::Hash for Address {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.key.hash(state);
+        self.0.key.hash(state);
     }
 }
 
 impl std::fmt::Display for Address {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.authority.as_str())
+        f.write_str(self.0.authority.as_str())
     }
 }
 
 #[derive(Debug)]
 struct Idle {
-    sender: SendRequest<UpstreamBody>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -154,20 +146,11 @@ pub(crate) struct UpstreamClient {
     connect_timeout: Duration,
 }
 
-/// A connection lent to one request; it returns to its pool through [`Pooled::release`].
+/// Where a lent connection goes back to.
 #[derive(Debug)]
-pub(crate) struct Pooled {
-    sender: SendRequest<UpstreamBody>,
+struct Home {
     key: Address,
     client: Arc<UpstreamClient>,
-}
-
-impl Pooled {
-    /// The exchange is complete (the response body read to its end): the connection may
-    /// carry the next request. Dropping a `Pooled` instead closes the connection.
-    pub(crate) fn release(self) {
-        self.client.put(self.key, self.sender);
-    }
 }
 
 impl UpstreamClient {
@@ -183,83 +166,85 @@ impl UpstreamClient {
         }
     }
 
-    /// Sends `req` (origin-form URI, `Host` set) to the upstream at `address`, on an idle
-    /// connection if one is ready, else on a new one.
+    /// Sends `req` to the upstream at `address`, on an idle connection if one is ready, else
+    /// on a new one, and returns the response once its head has arrived; its body streams
+    /// from the connection, which goes back to the pool at the body's end.
     ///
-    /// An upstream may close an idle connection just as it is reused. A request that the
-    /// connection could not take goes out again on another, whatever its method (it was never
-    /// written). One that was written but got no response at all goes out again on a new
-    /// connection if it is safe to (idempotent, no body) and the connection had been idle for
-    /// [`STALE_AFTER`] or more: only then is a copy of its head kept, so busy connections,
-    /// reused within moments, cost no copy.
+    /// An upstream may close an idle connection just as it is reused. A request of which
+    /// nothing could be written goes out again on another connection, whatever its method.
+    /// One that was written but got no response at all goes out again on a new connection if
+    /// it is safe to (idempotent, no body) and the connection had been idle for
+    /// [`STALE_AFTER`] or more.
     pub(crate) async fn send(
         self: &Arc<Self>,
         address: &Address,
-        mut req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, Pooled), UpstreamError> {
+        mut req: Outgoing,
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
         let mut fresh = false;
         loop {
             let pooled = if fresh { None } else { self.checkout(address) };
-            let (mut sender, idle_since) = match pooled {
-                Some((sender, since)) => (sender, Some(since)),
-                None => (self.connect(&address.authority).await?, None),
+            let (mut conn, idle_since) = match pooled {
+                Some((conn, since)) => (conn, Some(since)),
+                None => (self.connect(&address.0.authority).await?, None),
             };
-            let replay = idle_since
-                .filter(|since| since.elapsed() >= STALE_AFTER)
-                .and_then(|_| replayable(&req));
-            match sender.try_send_request(req).await {
-                Ok(response) => {
-                    let pooled = Pooled {
-                        sender,
+            let mut state = Exchange::default();
+            let result =
+                std::future::poll_fn(|cx| wire::poll_exchange(&mut conn, &mut req, &mut state, cx))
+                    .await;
+            let error = match result {
+                Ok(head) => {
+                    let reading = Reading::new(&head, req, &state);
+                    let home = Home {
                         key: address.clone(),
                         client: Arc::clone(self),
                     };
-                    return Ok((response, pooled));
+                    let upgraded = head.response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+                    return Ok(head
+                        .response
+                        .map(|()| ResponseBody::new(conn, reading, home, upgraded)));
                 }
-                Err(mut error) => match (error.take_message(), replay) {
-                    (Some(unsent), _) if idle_since.is_some() => {
-                        debug!(upstream = %address, error = %error.error(), "pooled connection closed; sending on another");
-                        req = unsent;
-                    }
-                    (None, Some(copy)) if closed_before_response(error.error()) => {
-                        debug!(upstream = %address, error = %error.error(), "long-idle pooled connection closed before answering; sending again on a new one");
-                        req = copy;
-                        fresh = true;
-                    }
-                    _ => return Err(UpstreamError::Http(error.into_error())),
-                },
+                Err(error) => error,
+            };
+            match error {
+                UpstreamError::Closed(_) if idle_since.is_some() && !req.wrote() => {
+                    debug!(upstream = %address, %error, "pooled connection closed; sending on another");
+                }
+                UpstreamError::Closed(_)
+                    if req.is_replayable()
+                        && idle_since.is_some_and(|since| since.elapsed() >= STALE_AFTER) =>
+                {
+                    debug!(upstream = %address, %error, "long-idle pooled connection closed before answering; sending again on a new one");
+                    fresh = true;
+                }
+                error => return Err(error),
             }
+            req.rewind();
         }
     }
 
     /// The most recently used idle connection that is ready for a request, and since when it
     /// has been idle.
-    fn checkout(&self, key: &Address) -> Option<(SendRequest<UpstreamBody>, Instant)> {
+    fn checkout(&self, key: &Address) -> Option<(Conn, Instant)> {
         let mut idle = lock(&self.idle);
         let list = idle.get_mut(key)?;
-        while let Some(i) = list.len().checked_sub(1) {
-            let entry = list.swap_remove(i);
-            if entry.sender.is_ready() {
-                return Some((entry.sender, entry.since));
+        while let Some(mut entry) = list.pop() {
+            if entry.conn.is_reusable() {
+                return Some((entry.conn, entry.since));
             }
-            // Closed by the upstream, or still finishing its last exchange (rare: the
-            // connection's task runs before the body's end is seen): let it go.
+            // Closed by the upstream: let it go.
         }
         None
     }
 
     /// Keeps a connection whose exchange is complete for the next request.
-    fn put(self: &Arc<Self>, key: Address, sender: SendRequest<UpstreamBody>) {
-        if sender.is_closed() {
-            return;
-        }
+    fn put(self: &Arc<Self>, key: Address, conn: Conn) {
         let mut idle = lock(&self.idle);
         let list = idle.entry(key).or_default();
         if list.len() >= self.max_idle {
             return;
         }
         list.push(Idle {
-            sender,
+            conn: conn.idle(),
             since: Instant::now(),
         });
         drop(idle);
@@ -302,8 +287,8 @@ impl UpstreamClient {
     fn sweep(&self, now: Instant) -> usize {
         let mut idle = lock(&self.idle);
         idle.retain(|_, list| {
-            list.retain(|entry| {
-                !entry.sender.is_closed() && now.duration_since(entry.since) < self.idle_timeout
+            list.retain_mut(|entry| {
+                now.duration_since(entry.since) < self.idle_timeout && entry.conn.is_reusable()
             });
             !list.is_empty()
         });
@@ -316,28 +301,111 @@ impl UpstreamClient {
         lock(&self.idle).values().map(Vec::len).sum()
     }
 
-    /// Opens a connection: resolves the name, tries each address in turn within the connect
-    /// timeout, and starts the connection's task.
-    async fn connect(
-        &self,
-        authority: &Authority,
-    ) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
+    /// Opens a connection: resolves the name and tries each address in turn within the
+    /// connect timeout.
+    async fn connect(&self, authority: &Authority) -> Result<Conn, UpstreamError> {
         let stream = tokio::time::timeout(self.connect_timeout, open(authority))
             .await
             .map_err(|_| UpstreamError::ConnectTimeout)??;
-        let (sender, connection) = http1::Builder::new()
-            // One buffer per write (head and body copied together) instead of `writev`:
-            // proxied messages are mostly small.
-            .writev(false)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(UpstreamError::Http)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.with_upgrades().await {
-                debug!(error = %error, "upstream connection ended");
+        Ok(Conn::new(stream))
+    }
+}
+
+/// An upstream's response body, read from its connection by the task that polls it. The
+/// connection goes back to its pool once the body has been read to its end (a response
+/// without a body: at once); dropped before that, or after an error, it is closed.
+#[derive(Debug)]
+pub(crate) struct ResponseBody {
+    conn: Option<Conn>,
+    reading: Reading,
+    home: Option<Home>,
+    /// An error, given out at the next poll (see `poll_frame`).
+    failed: Option<Box<UpstreamError>>,
+}
+
+impl ResponseBody {
+    /// The body of a response whose head has arrived on `conn`; after a `101` (`upgraded`)
+    /// the connection is kept for [`ResponseBody::into_tunnel`].
+    fn new(conn: Conn, reading: Reading, home: Home, upgraded: bool) -> Self {
+        let mut body = Self {
+            conn: Some(conn),
+            reading,
+            home: (!upgraded).then_some(home),
+            failed: None,
+        };
+        if body.reading.decoder == Decoder::Done {
+            body.finish();
+        }
+        body
+    }
+
+    /// The connection as a byte stream after `101 Switching Protocols` (never pooled again).
+    pub(crate) fn into_tunnel(mut self) -> Option<wire::Tunnel> {
+        self.home = None;
+        self.conn.take().map(Conn::into_tunnel)
+    }
+
+    /// The body has ended: the connection goes back to its pool if it can carry another
+    /// request, else it is closed; after a `101` it stays for its tunnel.
+    fn finish(&mut self) {
+        let Some(home) = self.home.take() else {
+            return;
+        };
+        if let Some(conn) = self.conn.take()
+            && self.reading.reusable(&conn)
+        {
+            home.client.put(home.key, conn);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = UpstreamError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        let this = self.get_mut();
+        if let Some(error) = this.failed.take() {
+            return Poll::Ready(Some(Err(*error)));
+        }
+        let Some(conn) = this.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match this.reading.poll_body(conn, cx) {
+            Poll::Ready(Some(Err(error))) => {
+                // Closed at once, but reported one poll later: hyper drops what it has not
+                // yet written when a body fails, and the client should get what came before
+                // the failure (the head, the data up to a truncation), as from nginx.
+                this.conn = None;
+                this.home = None;
+                this.failed = Some(Box::new(error));
+                cx.waker().wake_by_ref();
+                Poll::Pending
             }
-        });
-        Ok(sender)
+            polled => {
+                if matches!(polled, Poll::Ready(None))
+                    || this.reading.decoder == Decoder::Done && polled.is_ready()
+                {
+                    this.finish();
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.reading.decoder == Decoder::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.reading.decoder {
+            Decoder::Length(n) => SizeHint::with_exact(n),
+            Decoder::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
     }
 }
 
@@ -385,24 +453,28 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use http_body_util::{BodyExt as _, Either, Empty};
+    use http_body_util::BodyExt as _;
     use portunus_test_utils::{EchoServer, wait_until};
 
-    fn get(up: &EchoServer, path: &str) -> Request<UpstreamBody> {
-        Request::builder()
-            .uri(path)
-            .header(http::header::HOST, up.addr.to_string())
-            .body(Either::Right(Empty::new()))
-            .unwrap()
+    /// A `GET path` for `host`, as the proxy encodes it.
+    pub(crate) fn get(host: &str, path: &str) -> Outgoing {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::HOST, host.parse().unwrap());
+        let target = wire::Target {
+            base: "",
+            path,
+            query: None,
+        };
+        Outgoing::new(&http::Method::GET, target, &headers, None, false)
     }
 
     /// One exchange read to its end, its connection given back.
     async fn exchange(client: &Arc<UpstreamClient>, up: &EchoServer, path: &str) {
         let address = Address::new(up.addr.to_string().parse().unwrap());
-        let (response, pooled) = client.send(&address, get(up, path)).await.unwrap();
+        let host = up.addr.to_string();
+        let response = client.send(&address, get(&host, path)).await.unwrap();
         assert_eq!(response.status(), 200);
         response.into_body().collect().await.unwrap();
-        pooled.release();
     }
 
     #[tokio::test]
@@ -437,11 +509,7 @@ mod tests {
             Duration::from_secs(1),
             Duration::from_secs(5),
         ));
-        let request = Request::builder()
-            .uri("/")
-            .body(Either::Right(Empty::new()))
-            .unwrap();
-        let error = client.send(&address, request).await.unwrap_err();
+        let error = client.send(&address, get("a.test", "/")).await.unwrap_err();
         assert!(matches!(error, UpstreamError::Connect(_)), "{error:?}");
         assert!(error.is_connect());
     }

@@ -84,9 +84,6 @@ pub enum RequestError {
     /// Over TLS, the `Host` is not covered by the connection's certificate.
     #[error("this connection's certificate does not cover the requested host")]
     Misdirected,
-    /// The request path cannot be forwarded as it is.
-    #[error("the request target is not valid")]
-    InvalidTarget,
     /// `CONNECT` is never proxied.
     #[error("CONNECT is not supported")]
     Connect,
@@ -111,7 +108,6 @@ impl RequestError {
             Self::UnknownHost
             | Self::NoRoute
             | Self::MissingHost
-            | Self::InvalidTarget
             | Self::TooLarge(_)
             | Self::BodyTimeout
             | Self::UnsafePath
@@ -128,11 +124,9 @@ impl RequestError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::UnknownHost | Self::NoRoute => StatusCode::NOT_FOUND,
-            Self::MissingHost
-            | Self::InvalidTarget
-            | Self::Upgrade(_)
-            | Self::UnsafePath
-            | Self::BadBody => StatusCode::BAD_REQUEST,
+            Self::MissingHost | Self::Upgrade(_) | Self::UnsafePath | Self::BadBody => {
+                StatusCode::BAD_REQUEST
+            }
             Self::UnknownCoding(_) => StatusCode::NOT_IMPLEMENTED,
             Self::Connect => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -149,10 +143,7 @@ impl RequestError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::NoUpstream(Some(e)) => e.is_connect(),
-            Self::UpstreamFailed(crate::UpstreamError::Http(h)) => {
-                crate::client::closed_before_response(h)
-            }
-            Self::UpstreamFailed(e) => e.is_connect(),
+            Self::UpstreamFailed(e) => e.is_connect() || e.closed_before_response(),
             _ => false,
         }
     }

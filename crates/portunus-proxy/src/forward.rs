@@ -2,7 +2,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -11,7 +10,7 @@ use futures_util::future;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
-use http_body_util::{Either, Empty};
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use portunus_router::Router;
@@ -21,18 +20,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::body::{BodyError, CUT_MALFORMED, CUT_STALLED, CUT_TOO_LARGE, LimitedBody, ProxyBody};
-use crate::client::{Pooled, UpstreamClient, is_idempotent};
+use crate::client::{ResponseBody, UpstreamClient, UpstreamError, is_idempotent};
 use crate::conn::Activity;
 use crate::error::RequestError;
 use crate::headers::{ClientConn, has_token, remove_hop_by_hop, rewrite_request};
 use crate::metrics::SiteMetrics;
 use crate::settings::Timeouts;
-use crate::upstream::{ActiveGuard, Pool, Upstream};
-
-/// The body type sent to upstreams: the client's streamed body, or nothing. Boxed: hyper's
-/// client keeps a channel of 32 request slots per upstream connection, each as large as a
-/// request with its body (idle connections hold it, and every request is moved through it).
-pub(crate) type UpstreamBody = Either<Pin<Box<LimitedBody>>, Empty<Bytes>>;
+use crate::upstream::{ActiveGuard, Pool};
+use crate::wire::{BoxError, Outgoing, SendBody, Target as WireTarget};
 
 /// What a route does.
 #[derive(Debug)]
@@ -495,7 +490,7 @@ fn prepare(
         headers.insert(header::UPGRADE, upgrade);
     }
 
-    // A retry needs the headers again: copied only when another upstream could take it.
+    // Another upstream may take the request if the first fails and sending it twice is safe.
     let retry_allowed = is_idempotent(&parts.method)
         && body.is_end_stream()
         && !websocket
@@ -557,7 +552,9 @@ async fn send(
     }
     let path = forward.uri.path();
     let rest = path.get(forward.strip..).unwrap_or("");
+    let rest = if rest.is_empty() { "/" } else { rest };
     let query = forward.uri.query();
+    let websocket = forward.client_upgrade.is_some();
     let mut tried = 0u64;
     let mut last_error = None;
     loop {
@@ -567,19 +564,17 @@ async fn send(
         tried |= 1u64
             .checked_shl(u32::try_from(index).unwrap_or(u32::MAX))
             .unwrap_or(0);
-        let uri = upstream_path(upstream, rest, query)?;
-        let mut upstream_req = Request::new(match forward.body.take() {
-            Some(b) if !b.is_end_stream() => Either::Left(Box::pin(b)),
-            _ => Either::Right(Empty::new()),
-        });
-        *upstream_req.method_mut() = forward.method.clone();
-        *upstream_req.uri_mut() = uri;
-        *upstream_req.version_mut() = Version::HTTP_11;
-        *upstream_req.headers_mut() = if forward.retry_allowed {
-            forward.headers.clone()
-        } else {
-            std::mem::take(&mut forward.headers)
+        let body = match forward.body.take() {
+            Some(b) if !b.is_end_stream() => Some(Box::pin(b.map_err(BoxError::from)) as SendBody),
+            _ => None,
         };
+        let target = WireTarget {
+            base: &upstream.base_path,
+            path: rest,
+            query,
+        };
+        let upstream_req =
+            Outgoing::new(&forward.method, target, &forward.headers, body, websocket);
 
         let guard = ActiveGuard::new(Arc::clone(upstream));
         let sent = tokio::time::timeout(
@@ -592,10 +587,9 @@ async fn send(
                 pool.mark_failed(upstream);
                 return Err(RequestError::Timeout);
             }
-            Ok(Ok((response, connection))) => {
+            Ok(Ok(response)) => {
                 pool.mark_ok(upstream);
-                let response =
-                    finish_response(response, connection, guard, forward.client_upgrade, &ctx);
+                let response = finish_response(response, guard, forward.client_upgrade, &ctx);
                 return Ok(with_hsts(response, forward.hsts));
             }
             Ok(Err(e)) if e.is_connect() => RequestError::NoUpstream(Some(e)),
@@ -624,24 +618,24 @@ async fn send(
 
 /// Turns the upstream's response into the client's, starting the tunnel after a `101`.
 fn finish_response(
-    mut response: Response<Incoming>,
-    connection: Pooled,
+    response: Response<ResponseBody>,
     guard: ActiveGuard,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ctx: &ConnCtx,
 ) -> Response<ProxyBody> {
-    if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
-        (client_upgrade, response.status())
+    let (mut parts, body) = response.into_parts();
+    if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, parts.status)
     {
-        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        // A `101` keeps its connection for the tunnel.
+        let Some(mut upstream) = body.into_tunnel() else {
+            return error_response(&RequestError::UpstreamFailed(UpstreamError::Truncated));
+        };
         let force = ctx.force.clone();
         ctx.tracker.spawn(async move {
+            // Counts as in flight on its upstream until the tunnel ends.
             let _guard = guard;
-            // Upgraded: never pooled again; held until the tunnel ends, as the exchange.
-            let _connection = connection;
             let tunnel = async {
-                let (client, upstream) = tokio::try_join!(client_upgrade, upstream_upgrade)?;
-                let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                let mut client = TokioIo::new(client_upgrade.await?);
                 tokio::io::copy_bidirectional(&mut client, &mut upstream)
                     .await
                     .map_err(hyper_io_error)?;
@@ -654,38 +648,14 @@ fn finish_response(
                 () = force.cancelled() => {}
             }
         });
-        let (parts, _) = response.into_parts();
         return Response::from_parts(parts, ProxyBody::empty());
     }
-    remove_hop_by_hop(response.headers_mut());
-    response.map(|body| ProxyBody::upstream(body, guard, connection))
+    remove_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, ProxyBody::upstream(body, guard))
 }
 
 fn hyper_io_error(e: std::io::Error) -> Box<dyn std::error::Error + Send + Sync> {
     Box::new(e)
-}
-
-/// The request target sent upstream (origin form): the upstream's base path, then the
-/// request's path and query.
-fn upstream_path(
-    upstream: &Upstream,
-    rest: &str,
-    query: Option<&str>,
-) -> Result<Uri, RequestError> {
-    let rest = if rest.is_empty() { "/" } else { rest };
-    let mut path_and_query = String::with_capacity(
-        upstream.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1),
-    );
-    path_and_query.push_str(&upstream.base_path);
-    if !rest.starts_with('/') {
-        path_and_query.push('/');
-    }
-    path_and_query.push_str(rest);
-    if let Some(query) = query {
-        path_and_query.push('?');
-        path_and_query.push_str(query);
-    }
-    Uri::try_from(path_and_query).map_err(|_| RequestError::InvalidTarget)
 }
 
 #[cfg(test)]

@@ -57,6 +57,7 @@ mod proxy;
 mod settings;
 mod tls;
 mod upstream;
+mod wire;
 
 pub use body::ProxyBody;
 pub use client::UpstreamError;
@@ -66,6 +67,7 @@ pub use proxy::{Proxy, UpstreamStatus};
 pub use settings::{Handler, LoadBalancing, ProxySettings, RouteSettings, SiteSettings, Timeouts};
 pub use tls::{TlsError, server_config};
 pub use upstream::{UpstreamUrlError, check_upstream_url};
+pub use wire::{MAX_HEAD as MAX_RESPONSE_HEAD, MalformedResponse};
 
 /// Entry points for the fuzz targets in `fuzz/`: not a stable API.
 #[doc(hidden)]
