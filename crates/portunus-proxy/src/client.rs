@@ -465,7 +465,7 @@ mod tests {
             path,
             query: None,
         };
-        Outgoing::new(&http::Method::GET, target, &headers, None, false)
+        Outgoing::new(&http::Method::GET, target, &headers, b"", None, false)
     }
 
     /// One exchange read to its end, its connection given back.

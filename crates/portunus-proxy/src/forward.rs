@@ -23,7 +23,7 @@ use crate::body::{BodyError, CUT_MALFORMED, CUT_STALLED, CUT_TOO_LARGE, LimitedB
 use crate::client::{ResponseBody, UpstreamClient, UpstreamError, is_idempotent};
 use crate::conn::Activity;
 use crate::error::RequestError;
-use crate::headers::{ClientConn, has_token, remove_hop_by_hop, rewrite_request};
+use crate::headers::{ClientConn, has_token, rewrite_request};
 use crate::metrics::SiteMetrics;
 use crate::settings::Timeouts;
 use crate::upstream::{ActiveGuard, Pool};
@@ -429,6 +429,8 @@ struct Forward {
     uri: Uri,
     strip: usize,
     headers: http::HeaderMap,
+    /// Header lines sent after `headers`: this hop's forwarding fields.
+    forwarding: Bytes,
     /// Taken by the first attempt (a retry is only allowed without a body).
     body: Option<LimitedBody>,
     /// Set by `body` when it cuts the request body off.
@@ -483,7 +485,7 @@ fn prepare(
 
     let mut headers = parts.headers;
     let upgrade_value = headers.get(header::UPGRADE).cloned();
-    rewrite_request(&mut headers, &ctx.client, &table.trusted, host)
+    let forwarding = rewrite_request(&mut headers, &ctx.client, &table.trusted, host)
         .ok_or(RequestError::MissingHost)?;
     if let Some(upgrade) = upgrade_value.filter(|_| websocket) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -511,6 +513,7 @@ fn prepare(
         uri: parts.uri,
         strip,
         headers,
+        forwarding,
         body: Some(body),
         exceeded,
         max_body,
@@ -573,8 +576,14 @@ async fn send(
             path: rest,
             query,
         };
-        let upstream_req =
-            Outgoing::new(&forward.method, target, &forward.headers, body, websocket);
+        let upstream_req = Outgoing::new(
+            &forward.method,
+            target,
+            &forward.headers,
+            &forward.forwarding,
+            body,
+            websocket,
+        );
 
         let guard = ActiveGuard::new(Arc::clone(upstream));
         let sent = tokio::time::timeout(
@@ -623,7 +632,7 @@ fn finish_response(
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ctx: &ConnCtx,
 ) -> Response<ProxyBody> {
-    let (mut parts, body) = response.into_parts();
+    let (parts, body) = response.into_parts();
     if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, parts.status)
     {
         // A `101` keeps its connection for the tunnel.
@@ -650,7 +659,7 @@ fn finish_response(
         });
         return Response::from_parts(parts, ProxyBody::empty());
     }
-    remove_hop_by_hop(&mut parts.headers);
+    // Hop-by-hop fields were left out as the head was parsed.
     Response::from_parts(parts, ProxyBody::upstream(body, guard))
 }
 

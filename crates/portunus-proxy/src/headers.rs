@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
@@ -40,6 +41,22 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     }
     HOP_BY_HOP.iter().position(|h| h == name)
 }
+
+/// The index in [`HOP_BY_HOP`] of a header name given as bytes, in any case.
+pub(crate) fn hop_by_hop_index_of(name: &[u8]) -> Option<usize> {
+    let len = name.len();
+    if len >= 32 || HOP_BY_HOP_LENGTHS & (1 << len) == 0 {
+        return None;
+    }
+    HOP_BY_HOP
+        .iter()
+        .position(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
+}
+
+/// [`HOP_BY_HOP`]'s index of `Connection`.
+pub(crate) const HOP_CONNECTION: usize = 0;
+/// [`HOP_BY_HOP`]'s index of `Transfer-Encoding`.
+pub(crate) const HOP_TRANSFER_ENCODING: usize = 5;
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
@@ -82,14 +99,15 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Rewrites a request's headers for its upstream: hop-by-hop headers removed, `Host` set to
-/// `host`, and the forwarding headers set (see [`set_forwarded`]). `None` when `host` is not
-/// a valid header value.
+/// `host`, and the forwarding headers set (see [`set_forwarded`]). Returns header lines to
+/// send after the map's (this hop's forwarding fields, when they are this hop's alone);
+/// `None` when `host` is not a valid header value.
 pub(crate) fn rewrite_request(
     headers: &mut HeaderMap,
     conn: &ClientConn,
     trusted_nets: &[IpNet],
     host: &str,
-) -> Option<()> {
+) -> Option<Bytes> {
     remove_hop_by_hop(headers);
     // HTTP/1 requests carry their host in `Host` already (a cheap clone); HTTP/2 ones in the
     // URI's authority.
@@ -101,8 +119,13 @@ pub(crate) fn rewrite_request(
             value
         }
     };
-    set_forwarded(headers, conn, trusted_nets, host, &host_value);
-    Some(())
+    Some(set_forwarded(
+        headers,
+        conn,
+        trusted_nets,
+        host,
+        &host_value,
+    ))
 }
 
 /// Whether `headers` has the token `token` (case-insensitive) in a comma-separated header.
@@ -131,9 +154,9 @@ pub(crate) struct ClientConn {
     forwarded: String,
     /// The local port (`X-Forwarded-Port`).
     port: HeaderValue,
-    /// This hop's whole `Forwarded` element for the first host asked for: a connection's
-    /// requests are nearly always for one host, so it is built once, not per request.
-    forwarded_for_host: std::sync::OnceLock<(Box<str>, Option<HeaderValue>)>,
+    /// This hop's forwarding header lines for the first host asked for: a connection's
+    /// requests are nearly always for one host, so they are built once, not per request.
+    lines_for_host: std::sync::OnceLock<(Box<str>, Bytes)>,
 }
 
 impl ClientConn {
@@ -150,27 +173,47 @@ impl ClientConn {
             ip: value(peer.to_string()),
             forwarded,
             port: value(local_port.to_string()),
-            forwarded_for_host: std::sync::OnceLock::new(),
+            lines_for_host: std::sync::OnceLock::new(),
         }
     }
 
-    /// This hop's `Forwarded` element for a request to `host`, with no earlier hops.
-    fn forwarded_for(&self, host: &str) -> Option<HeaderValue> {
-        if let Some((cached, value)) = self.forwarded_for_host.get()
+    /// This hop's forwarding header lines (`name: value\r\n` each) for a request to `host`
+    /// (`host_value` is the same as a header value), with no earlier hops.
+    fn lines_for(&self, host: &str, host_value: &HeaderValue) -> Bytes {
+        if let Some((cached, lines)) = self.lines_for_host.get()
             && **cached == *host
         {
-            return value.clone();
+            return lines.clone();
         }
-        let value = forwarded_value(self, host, None);
+        let forwarded = forwarded_value(self, host, None);
+        let fields = [
+            (&X_REAL_IP, Some(&self.ip)),
+            (&X_FORWARDED_FOR, Some(&self.ip)),
+            (&header::FORWARDED, forwarded.as_ref()),
+            (&X_FORWARDED_PROTO, Some(&proto_value(self.tls))),
+            (&X_FORWARDED_HOST, Some(host_value)),
+            (&X_FORWARDED_PORT, Some(&self.port)),
+            (&X_FORWARDED_SSL, Some(&ssl_value(self.tls))),
+        ];
+        let mut out = Vec::with_capacity(256);
+        for (name, value) in fields {
+            if let Some(value) = value {
+                out.extend_from_slice(name.as_str().as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        let lines = Bytes::from(out);
         // The first host asked for stays; another is built each time.
-        let _ = self.forwarded_for_host.set((host.into(), value.clone()));
-        value
+        let _ = self.lines_for_host.set((host.into(), lines.clone()));
+        lines
     }
 }
 
 /// A header value from text known to be valid (an address, a number).
 fn value(text: String) -> HeaderValue {
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+    HeaderValue::from_maybe_shared(Bytes::from(text))
         .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
@@ -189,14 +232,16 @@ static FORWARDED_NAMES: [HeaderName; 7] = [
 /// for a request to `host` (`host_value` is the same as a header value).
 ///
 /// From an untrusted peer every client-sent copy is dropped first. From a trusted peer the
-/// `X-Forwarded-For` and `Forwarded` chains are appended to and the other values it sent kept.
+/// `X-Forwarded-For` and `Forwarded` chains are appended to and the other values it sent kept,
+/// in `headers`. Otherwise the values are this hop's alone: they are returned as header lines
+/// to send after the map's, built once per connection and host.
 pub(crate) fn set_forwarded(
     headers: &mut HeaderMap,
     conn: &ClientConn,
     trusted_nets: &[IpNet],
     host: &str,
     host_value: &HeaderValue,
-) {
+) -> Bytes {
     let trusted = is_trusted(trusted_nets, conn.peer);
     let sent = headers.keys().any(|name| FORWARDED_NAMES.contains(name));
     if sent && !trusted {
@@ -205,19 +250,10 @@ pub(crate) fn set_forwarded(
         }
     }
     if sent && trusted {
-        return append_forwarded(headers, conn, trusted_nets, host, host_value);
+        append_forwarded(headers, conn, trusted_nets, host, host_value);
+        return Bytes::new();
     }
-    // Nothing came from the client (or it was dropped): the values are this hop's alone.
-    headers.reserve(FORWARDED_NAMES.len());
-    headers.insert(X_REAL_IP, conn.ip.clone());
-    headers.insert(X_FORWARDED_FOR, conn.ip.clone());
-    if let Some(forwarded) = conn.forwarded_for(host) {
-        headers.insert(header::FORWARDED, forwarded);
-    }
-    headers.insert(X_FORWARDED_PROTO, proto_value(conn.tls));
-    headers.insert(X_FORWARDED_HOST, host_value.clone());
-    headers.insert(X_FORWARDED_PORT, conn.port.clone());
-    headers.insert(X_FORWARDED_SSL, ssl_value(conn.tls));
+    conn.lines_for(host, host_value)
 }
 
 fn proto_value(tls: bool) -> HeaderValue {
@@ -247,7 +283,7 @@ fn forwarded_value(conn: &ClientConn, host: &str, chain: Option<&str>) -> Option
         out.push_str(host);
         out.push('"');
     }
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(out)).ok()
+    HeaderValue::from_maybe_shared(Bytes::from(out)).ok()
 }
 
 /// A trusted peer sent forwarding headers: append to its chains, keep its other values.
@@ -332,6 +368,36 @@ mod tests {
             .iter()
             .fold(0u32, |mask, name| mask | 1 << name.as_str().len());
         assert_eq!(mask, HOP_BY_HOP_LENGTHS);
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            let upper = name.as_str().to_ascii_uppercase();
+            assert_eq!(hop_by_hop_index_of(upper.as_bytes()), Some(i));
+        }
+        assert_eq!(HOP_BY_HOP[HOP_CONNECTION], header::CONNECTION);
+        assert_eq!(HOP_BY_HOP[HOP_TRANSFER_ENCODING], header::TRANSFER_ENCODING);
+        assert_eq!(hop_by_hop_index_of(b"x-upgrade"), None);
+    }
+
+    #[test]
+    fn a_connections_lines_follow_its_host() {
+        let conn = ClientConn::new("192.0.2.7".parse().unwrap(), 443, true);
+        let host = HeaderValue::from_static("a.test");
+        assert_eq!(
+            conn.lines_for("a.test", &host),
+            "x-real-ip: 192.0.2.7\r\nx-forwarded-for: 192.0.2.7\r\n\
+             forwarded: for=192.0.2.7;proto=https;host=a.test\r\nx-forwarded-proto: https\r\n\
+             x-forwarded-host: a.test\r\nx-forwarded-port: 443\r\nx-forwarded-ssl: on\r\n"
+        );
+        let other = HeaderValue::from_static("b.test");
+        assert!(
+            std::str::from_utf8(&conn.lines_for("b.test", &other))
+                .unwrap()
+                .contains("host=b.test")
+        );
+        assert!(
+            std::str::from_utf8(&conn.lines_for("a.test", &host))
+                .unwrap()
+                .contains("host=a.test")
+        );
     }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -373,10 +439,23 @@ mod tests {
         assert!(!has_token(&h, &header::CONNECTION, "close"));
     }
 
-    /// Rewrites `h` as for a plain-HTTP request to `host` from `peer` on local port 8080.
+    /// Adds header lines (`name: value\r\n` each) to `h`.
+    fn add_lines(h: &mut HeaderMap, lines: &[u8]) {
+        for line in std::str::from_utf8(lines).unwrap().split_terminator("\r\n") {
+            let (name, value) = line.split_once(": ").unwrap();
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+    }
+
+    /// Rewrites `h` as for a plain-HTTP request to `host` from `peer` on local port 8080, the
+    /// lines sent after the map added to it.
     fn forward(h: &mut HeaderMap, peer: &str, nets: &[IpNet], host: &str) {
         let conn = ClientConn::new(peer.parse().unwrap(), 8080, false);
-        set_forwarded(h, &conn, nets, host, &HeaderValue::from_str(host).unwrap());
+        let lines = set_forwarded(h, &conn, nets, host, &HeaderValue::from_str(host).unwrap());
+        add_lines(h, &lines);
     }
 
     #[test]
@@ -384,13 +463,14 @@ mod tests {
         let conn = ClientConn::new("192.0.2.7".parse().unwrap(), 8080, false);
         for host in ["a.test", "b.test", "a.test", "[::1]:8080", "b.test"] {
             let mut h = HeaderMap::new();
-            set_forwarded(
+            let lines = set_forwarded(
                 &mut h,
                 &conn,
                 &[],
                 host,
                 &HeaderValue::from_str(host).unwrap(),
             );
+            add_lines(&mut h, &lines);
             let expected = if host.starts_with('[') {
                 format!("for=192.0.2.7;proto=http;host=\"{host}\"")
             } else {
@@ -489,7 +569,8 @@ mod tests {
     fn host_is_set_from_the_authority_when_it_differs() {
         let conn = ClientConn::new("192.0.2.1".parse().unwrap(), 443, true);
         let mut h = map(&[("host", "other.test"), ("te", "trailers")]);
-        assert!(rewrite_request(&mut h, &conn, &[], "example.com").is_some());
+        let lines = rewrite_request(&mut h, &conn, &[], "example.com").unwrap();
+        add_lines(&mut h, &lines);
         assert_eq!(h["host"], "example.com");
         assert_eq!(h["x-forwarded-host"], "example.com");
         assert_eq!(h["x-forwarded-proto"], "https");

@@ -254,13 +254,15 @@ impl std::fmt::Debug for Outgoing {
 
 impl Outgoing {
     /// Encodes the head of a request for `target` with `headers` (hop-by-hop fields already
-    /// removed, `Host` set); `body` is `None` for a request without one. A body is framed by
+    /// removed, `Host` set), then `extra` (header lines, `name: value\r\n` each); `body` is
+    /// `None` for a request without one. A body is framed by
     /// its `Content-Length` when it has a valid one, else chunked. Several `Cookie` fields
     /// (as HTTP/2 clients send them) become one, as RFC 9113 §8.2.3 asks.
     pub(crate) fn new(
         method: &Method,
         target: Target<'_>,
         headers: &HeaderMap,
+        extra: &[u8],
         body: Option<SendBody>,
         upgrade: bool,
     ) -> Self {
@@ -301,6 +303,7 @@ impl Outgoing {
         if cookie_open {
             out.extend_from_slice(b"\r\n");
         }
+        out.extend_from_slice(extra);
         match framing {
             Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
             // Some servers refuse a POST without a length (411).
@@ -323,6 +326,11 @@ impl Outgoing {
             upgrade,
             wrote: false,
         }
+    }
+
+    /// What has been encoded and not yet written: at first, the whole head.
+    pub(crate) fn head(&self) -> &[u8] {
+        &self.out[self.pos..]
     }
 
     /// Whether sending this request twice is safe (an idempotent method and no body).
@@ -479,16 +487,80 @@ pub(crate) struct Head {
     pub(crate) keep_alive: bool,
 }
 
-/// Offsets into a response head: a field's name and value.
+/// Offsets into a response head: a field's name and value, and what the field is.
 #[derive(Debug, Clone, Copy, Default)]
 struct Field {
     name: (u32, u32),
     value: (u32, u32),
+    /// Its index among the hop-by-hop names, if it is one.
+    hop: Option<u8>,
+}
+
+/// What the framing of a response depends on, gathered from its fields as they are parsed.
+#[derive(Debug)]
+struct Facts {
+    /// `Transfer-Encoding` is there, and whether its last coding is `chunked`.
+    transfer_encoding: Option<bool>,
+    /// `Content-Length`: `Ok(None)` if absent, `Err` if invalid or given differently twice.
+    length: Result<Option<u64>, ()>,
+    /// `Connection: close`, `Connection: keep-alive`.
+    close: bool,
+    keep_alive: bool,
+    /// `Connection` names fields other than the hop-by-hop ones: they are dropped too.
+    names_more: bool,
+}
+
+impl Default for Facts {
+    fn default() -> Self {
+        Self {
+            transfer_encoding: None,
+            length: Ok(None),
+            close: false,
+            keep_alive: false,
+            names_more: false,
+        }
+    }
+}
+
+impl Facts {
+    fn saw(&mut self, hop: Option<usize>, name: &[u8], value: &[u8]) {
+        match hop {
+            Some(crate::headers::HOP_CONNECTION) => {
+                for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        self.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        self.keep_alive = true;
+                    } else if !token.is_empty()
+                        && crate::headers::hop_by_hop_index_of(token).is_none()
+                    {
+                        self.names_more = true;
+                    }
+                }
+            }
+            Some(crate::headers::HOP_TRANSFER_ENCODING) => {
+                let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+                self.transfer_encoding = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            }
+            Some(_) => {}
+            None if name.eq_ignore_ascii_case(b"content-length") => {
+                self.length = match (self.length, parse_length(value)) {
+                    (Ok(None), Some(n)) => Ok(Some(n)),
+                    (Ok(Some(m)), Some(n)) if m == n => Ok(Some(n)),
+                    _ => Err(()),
+                };
+            }
+            None => {}
+        }
+    }
 }
 
 /// Parses a response head at the start of `buf` and takes its bytes; `None` while it is not
 /// complete. Header values share the head's bytes (no copy). `head_request`: the request was
 /// `HEAD`, so the response has no body.
+///
+/// Hop-by-hop fields (RFC 9110 §7.6.1, those named in `Connection` too) are left out of the
+/// response, but for a `101`, whose `Upgrade` and `Connection` the client needs.
 pub(crate) fn parse_head(
     buf: &mut BytesMut,
     head_request: bool,
@@ -497,6 +569,7 @@ pub(crate) fn parse_head(
         return Ok(None);
     }
     let mut fields = [Field::default(); MAX_HEADERS];
+    let mut facts = Facts::default();
     let (len, count, code, minor, custom_reason) = {
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut []);
@@ -515,9 +588,13 @@ pub(crate) fn parse_head(
             (start as u32, (start + s.len()) as u32)
         };
         for (slot, header) in fields.iter_mut().zip(parsed.headers.iter()) {
+            let name = header.name.as_bytes();
+            let hop = crate::headers::hop_by_hop_index_of(name);
+            facts.saw(hop, name, header.value);
             *slot = Field {
-                name: span(header.name.as_bytes()),
+                name: span(name),
                 value: span(header.value),
+                hop: hop.and_then(|i| u8::try_from(i).ok()),
             };
         }
         let code = parsed.code.unwrap_or(0);
@@ -536,17 +613,39 @@ pub(crate) fn parse_head(
             custom_reason,
         )
     };
-    let head = buf.split_to(len).freeze();
-    let slice = |(start, end): (u32, u32)| head.slice(start as usize..end as usize);
     let status = StatusCode::from_u16(code).map_err(|_| MalformedResponse::Field)?;
+    let (body, keep_alive) = framing(status, minor, &facts, head_request)?;
+    let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
+    // With `Transfer-Encoding`, a `Content-Length` is wrong, and not passed on.
+    let drop_length = facts.transfer_encoding.is_some();
+    let head = buf.split_to(len).freeze();
+    let bytes = |(start, end): (u32, u32)| &head[start as usize..end as usize];
     let mut headers = HeaderMap::with_capacity(count);
     for field in &fields[..count] {
-        let (start, end) = field.name;
-        let name = HeaderName::from_bytes(&head[start as usize..end as usize])
-            .map_err(|_| MalformedResponse::Field)?;
-        let value = HeaderValue::from_maybe_shared(slice(field.value))
+        if field.hop.is_some() && !upgrade {
+            continue;
+        }
+        let name =
+            HeaderName::from_bytes(bytes(field.name)).map_err(|_| MalformedResponse::Field)?;
+        if drop_length && name == header::CONTENT_LENGTH {
+            continue;
+        }
+        let (start, end) = field.value;
+        let value = HeaderValue::from_maybe_shared(head.slice(start as usize..end as usize))
             .map_err(|_| MalformedResponse::Field)?;
         headers.append(name, value);
+    }
+    if facts.names_more && !upgrade {
+        for field in fields[..count]
+            .iter()
+            .filter(|f| f.hop == Some(crate::headers::HOP_CONNECTION as u8))
+        {
+            for token in bytes(field.value).split(|&b| b == b',') {
+                if let Ok(name) = HeaderName::from_bytes(token.trim_ascii()) {
+                    headers.remove(name);
+                }
+            }
+        }
     }
     let mut response = http::Response::new(());
     *response.status_mut() = status;
@@ -555,12 +654,12 @@ pub(crate) fn parse_head(
     } else {
         Version::HTTP_10
     };
-    if let Some(reason) = custom_reason
-        && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(slice(reason))
+    if let Some((start, end)) = custom_reason
+        && let Ok(reason) =
+            hyper::ext::ReasonPhrase::try_from(head.slice(start as usize..end as usize))
     {
         response.extensions_mut().insert(reason);
     }
-    let (body, keep_alive) = framing(status, minor, &mut headers, head_request)?;
     *response.headers_mut() = headers;
     Ok(Some(Head {
         response,
@@ -574,20 +673,10 @@ pub(crate) fn parse_head(
 fn framing(
     status: StatusCode,
     minor: u8,
-    headers: &mut HeaderMap,
+    facts: &Facts,
     head_request: bool,
 ) -> Result<(Decoder, bool), MalformedResponse> {
-    let mut keep_alive = minor == 1;
-    for value in headers.get_all(header::CONNECTION) {
-        for token in value.as_bytes().split(|&b| b == b',') {
-            let token = token.trim_ascii();
-            if token.eq_ignore_ascii_case(b"close") {
-                keep_alive = false;
-            } else if token.eq_ignore_ascii_case(b"keep-alive") && minor == 0 {
-                keep_alive = true;
-            }
-        }
-    }
+    let keep_alive = !facts.close && (minor == 1 || facts.keep_alive);
     if head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -595,31 +684,18 @@ fn framing(
     {
         return Ok((Decoder::Done, keep_alive));
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        let chunked = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
-            .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        if headers.remove(header::CONTENT_LENGTH).is_some() {
-            // Both: the length is ignored, and the connection is not trusted any further.
-            keep_alive = false;
-        }
-        return Ok(if chunked {
-            (Decoder::Chunked(Chunk::Size), keep_alive)
-        } else {
-            (Decoder::Eof, false)
-        });
+    match (facts.transfer_encoding, facts.length) {
+        // Both: the length is ignored, and the connection is not trusted any further.
+        (Some(true), length) => Ok((
+            Decoder::Chunked(Chunk::Size),
+            keep_alive && length == Ok(None),
+        )),
+        (Some(false), _) => Ok((Decoder::Eof, false)),
+        (None, Ok(Some(0))) => Ok((Decoder::Done, keep_alive)),
+        (None, Ok(Some(n))) => Ok((Decoder::Length(n), keep_alive)),
+        (None, Ok(None)) => Ok((Decoder::Eof, false)),
+        (None, Err(())) => Err(MalformedResponse::ContentLength),
     }
-    if headers.contains_key(header::CONTENT_LENGTH) {
-        return match content_length(headers) {
-            Some(0) => Ok((Decoder::Done, keep_alive)),
-            Some(n) => Ok((Decoder::Length(n), keep_alive)),
-            None => Err(MalformedResponse::ContentLength),
-        };
-    }
-    Ok((Decoder::Eof, false))
 }
 
 /// Where a chunked body's decoding stands.
@@ -938,6 +1014,35 @@ mod tests {
     }
 
     #[test]
+    fn hop_by_hop_fields_are_left_out_but_for_a_101() {
+        let head = head_of(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Private\r\nKeep-Alive: timeout=5\r\n\
+              X-Private: secret\r\nProxy-Authenticate: Basic\r\nTrailer: x-t\r\nX-Kept: 1\r\n\
+              Content-Length: 0\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        let mut names: Vec<&str> = head
+            .response
+            .headers()
+            .keys()
+            .map(HeaderName::as_str)
+            .collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "x-kept"]);
+        assert!(head.keep_alive);
+        let upgrade = head_of(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(upgrade.response.headers()["upgrade"], "websocket");
+        assert_eq!(upgrade.response.headers()["connection"], "Upgrade");
+    }
+
+    #[test]
     fn a_custom_reason_phrase_is_kept() {
         let head = head_of(
             b"HTTP/1.1 200 Fine Thanks\r\nContent-Length: 0\r\n\r\n",
@@ -1134,7 +1239,14 @@ mod tests {
     }
 
     fn get(target: Target<'_>, headers: &HeaderMap) -> Outgoing {
-        Outgoing::new(&Method::GET, target, headers, None, false)
+        Outgoing::new(
+            &Method::GET,
+            target,
+            headers,
+            b"x-extra: 1\r\n",
+            None,
+            false,
+        )
     }
 
     fn text(req: &Outgoing) -> &str {
@@ -1156,7 +1268,7 @@ mod tests {
         let req = get(target, &headers);
         assert_eq!(
             text(&req),
-            "GET /base/x/y?q=1 HTTP/1.1\r\nhost: a.test\r\ncookie: a=1; b=2\r\nx-one: 1\r\n\r\n"
+            "GET /base/x/y?q=1 HTTP/1.1\r\nhost: a.test\r\ncookie: a=1; b=2\r\nx-one: 1\r\nx-extra: 1\r\n\r\n"
         );
         assert!(req.is_replayable() && !req.head_only && !req.upgrade);
 
@@ -1165,7 +1277,7 @@ mod tests {
             path: "/",
             query: None,
         };
-        let post = Outgoing::new(&Method::POST, root, &HeaderMap::new(), None, false);
+        let post = Outgoing::new(&Method::POST, root, &HeaderMap::new(), b"", None, false);
         assert_eq!(text(&post), "POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
         assert!(!post.is_replayable());
 
@@ -1173,7 +1285,7 @@ mod tests {
         let mut bad_length = HeaderMap::new();
         bad_length.insert(header::CONTENT_LENGTH, HeaderValue::from_static("x"));
         let body = frames(&[b"abc", b"", b"de"]);
-        let mut put = Outgoing::new(&Method::PUT, root, &bad_length, Some(body), false);
+        let mut put = Outgoing::new(&Method::PUT, root, &bad_length, b"", Some(body), false);
         assert_eq!(
             text(&put),
             "PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -1225,6 +1337,7 @@ mod tests {
             &Method::POST,
             root,
             &headers,
+            b"",
             Some(frames(&[b"ab", b"cde"])),
             false,
         );
@@ -1234,6 +1347,7 @@ mod tests {
             &Method::POST,
             root,
             &headers,
+            b"",
             Some(frames(&[b"abcdef"])),
             false,
         );
@@ -1245,6 +1359,7 @@ mod tests {
             &Method::POST,
             root,
             &headers,
+            b"",
             Some(frames(&[b"abc"])),
             false,
         );
@@ -1254,7 +1369,14 @@ mod tests {
         );
         // A body that ends at once is no body at all.
         let empty = http_body_util::Empty::<Bytes>::new().map_err(|e| match e {});
-        let mut none = Outgoing::new(&Method::POST, root, &headers, Some(Box::pin(empty)), false);
+        let mut none = Outgoing::new(
+            &Method::POST,
+            root,
+            &headers,
+            b"",
+            Some(Box::pin(empty)),
+            false,
+        );
         assert_eq!(
             drain_body(&mut none).unwrap_err(),
             "request body shorter than its Content-Length"
