@@ -97,17 +97,49 @@ pub(crate) struct Address(Arc<AddressInner>);
 #[derive(Debug)]
 struct AddressInner {
     key: Box<str>,
+    /// `key` hashed once: the idle map hashes nothing per request (see [`KeyHasher`]).
+    hash: u64,
     authority: Authority,
 }
 
 impl Address {
     pub(crate) fn new(authority: Authority) -> Self {
+        let key: Box<str> = authority.as_str().to_ascii_lowercase().into();
+        let hash = std::hash::BuildHasher::hash_one(
+            &std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default(),
+            &key,
+        );
         Self(Arc::new(AddressInner {
-            key: authority.as_str().to_ascii_lowercase().into(),
+            key,
+            hash,
             authority,
         }))
     }
 }
+
+/// Hashes an [`Address`] by the hash it carries (computed once from its key; upstream
+/// addresses come from the configuration, not from clients).
+#[derive(Debug, Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Idle connections by upstream address.
+type IdleMap = HashMap<Address, IdleList, std::hash::BuildHasherDefault<KeyHasher>>;
 
 impl PartialEq for Address {
     fn eq(&self, other: &Self) -> bool {
@@ -119,7 +151,7 @@ impl Eq for Address {}
 
 impl std::hash::Hash for Address {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.key.hash(state);
+        state.write_u64(self.0.hash);
     }
 }
 
@@ -138,7 +170,7 @@ struct Idle {
 /// Keep-alive HTTP/1.1 connections to upstreams, for the worker thread that owns it.
 #[derive(Debug)]
 pub(crate) struct UpstreamClient {
-    idle: Mutex<HashMap<Address, IdleList>>,
+    idle: Mutex<IdleMap>,
     /// Whether a task is closing connections that stayed idle too long.
     sweeping: std::sync::atomic::AtomicBool,
     max_idle: usize,
