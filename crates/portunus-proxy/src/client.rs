@@ -418,9 +418,8 @@ impl Body for ResponseBody {
                 Poll::Pending
             }
             polled => {
-                if matches!(polled, Poll::Ready(None))
-                    || this.reading.decoder == Decoder::Done && polled.is_ready()
-                {
+                // The last frame, or the end (which only comes once the body is done).
+                if polled.is_ready() && this.reading.decoder == Decoder::Done {
                     this.finish();
                 }
                 polled
@@ -489,7 +488,7 @@ mod tests {
     use portunus_test_utils::{EchoServer, wait_until};
 
     /// A `GET path` for `host`, as the proxy encodes it.
-    pub(crate) fn get(host: &str, path: &str) -> Outgoing {
+    fn get(host: &str, path: &str) -> Outgoing {
         let mut headers = http::HeaderMap::new();
         headers.insert(http::header::HOST, host.parse().unwrap());
         let target = wire::Target {

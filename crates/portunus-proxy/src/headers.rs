@@ -33,15 +33,6 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 /// one of them, found without comparing it with each (checked by a test).
 const HOP_BY_HOP_LENGTHS: u32 = 1 << 2 | 1 << 7 | 1 << 10 | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 19;
 
-/// The index of `name` in [`HOP_BY_HOP`].
-fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
-    let len = name.as_str().len();
-    if len >= 32 || HOP_BY_HOP_LENGTHS & (1 << len) == 0 {
-        return None;
-    }
-    HOP_BY_HOP.iter().position(|h| h == name)
-}
-
 /// The index in [`HOP_BY_HOP`] of a header name given as bytes, in any case.
 pub(crate) fn hop_by_hop_index_of(name: &[u8]) -> Option<usize> {
     let len = name.len();
@@ -64,7 +55,7 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // lookup per name, and most messages carry at most `Connection`.
     let mut present = 0u16;
     for name in headers.keys() {
-        if let Some(i) = hop_by_hop_index(name) {
+        if let Some(i) = hop_by_hop_index_of(name.as_str().as_bytes()) {
             present |= 1 << i;
         }
     }
@@ -80,11 +71,7 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .filter(|name| {
-                !HOP_BY_HOP
-                    .iter()
-                    .any(|h| h.as_str().eq_ignore_ascii_case(name))
-            })
+            .filter(|name| hop_by_hop_index_of(name.as_bytes()).is_none())
             .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
             .collect();
         for name in listed {

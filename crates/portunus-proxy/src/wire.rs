@@ -463,11 +463,22 @@ pub(crate) enum SendError {
 
 /// The one valid `Content-Length` of `headers`: every value the same number.
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
-    let first = parse_length(values.next()?.as_bytes())?;
-    values
-        .all(|v| parse_length(v.as_bytes()) == Some(first))
-        .then_some(first)
+    headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .try_fold(None, |seen, v| with_length(seen, v.as_bytes()))
+        .ok()
+        .flatten()
+}
+
+/// The `Content-Length` after one more of its values: `Ok(None)` before any; `Err` once one
+/// is invalid or differs from those before.
+fn with_length(seen: Option<u64>, value: &[u8]) -> Result<Option<u64>, ()> {
+    match (seen, parse_length(value)) {
+        (None, Some(n)) => Ok(Some(n)),
+        (Some(m), Some(n)) if m == n => Ok(Some(n)),
+        _ => Err(()),
+    }
 }
 
 /// A `Content-Length` value: digits only (no sign, no spaces), at most 19 of them.
@@ -544,11 +555,7 @@ impl Facts {
             }
             Some(_) => {}
             None if name.eq_ignore_ascii_case(b"content-length") => {
-                self.length = match (self.length, parse_length(value)) {
-                    (Ok(None), Some(n)) => Ok(Some(n)),
-                    (Ok(Some(m)), Some(n)) if m == n => Ok(Some(n)),
-                    _ => Err(()),
-                };
+                self.length = self.length.and_then(|seen| with_length(seen, value));
             }
             None => {}
         }
