@@ -34,8 +34,7 @@ pub fn init(format: LogFormat, access: &AccessLog) -> anyhow::Result<()> {
         AccessTo::Off => "portunus::access=off",
         _ => "portunus::access=info",
     };
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info"))
+    let filter = operational_filter(std::env::var("RUST_LOG").ok().as_deref())
         .add_directive(
             access_directive
                 .parse()
@@ -75,6 +74,22 @@ pub fn init(format: LogFormat, access: &AccessLog) -> anyhow::Result<()> {
         .with(access_layer)
         .try_init()
         .map_err(|e| anyhow::anyhow!("cannot install logging: {e}"))
+}
+
+/// What rustls reports at `warn` on a server is the peer's doing: a client that sends an IP
+/// address as its SNI (wrk and other tools do), a warning alert, a message out of order. Left at
+/// `warn`, any client could have a line written for every handshake it makes (a log flood, and
+/// a write per connection on the hot path), so rustls logs only errors unless `RUST_LOG` names
+/// it (`RUST_LOG=info,rustls=debug`): a later directive for the same target replaces this one.
+const QUIET_BY_DEFAULT: &str = "rustls=error";
+
+/// The operational logs' filter: `RUST_LOG` (`info` when unset or not valid) after
+/// [`QUIET_BY_DEFAULT`].
+fn operational_filter(rust_log: Option<&str>) -> EnvFilter {
+    let quiet = |spec: &str| EnvFilter::try_new(format!("{QUIET_BY_DEFAULT},{spec}"));
+    rust_log
+        .and_then(|spec| quiet(spec).ok())
+        .unwrap_or_else(|| quiet("info").expect("the default filter is valid"))
 }
 
 /// Writes each access event as one line.
@@ -213,6 +228,53 @@ mod tests {
         f.0.insert("status".to_owned(), 200u64.into());
         f.0.insert("duration_ms".to_owned(), 12.5f64.into());
         f
+    }
+
+    /// How many events at each of these (target, level) pairs pass the operational filter made
+    /// from `rust_log`.
+    fn passed(rust_log: Option<&str>) -> Vec<&'static str> {
+        #[derive(Clone, Default)]
+        struct Seen(std::sync::Arc<Mutex<Vec<&'static str>>>);
+        impl<S: Subscriber> Layer<S> for Seen {
+            fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+                let meta = event.metadata();
+                let name = match (meta.target(), *meta.level()) {
+                    ("rustls::msgs::handshake", tracing::Level::WARN) => "rustls warn",
+                    ("rustls::conn", tracing::Level::ERROR) => "rustls error",
+                    ("portunus_proxy::proxy", tracing::Level::INFO) => "portunus info",
+                    ("portunus_proxy::proxy", tracing::Level::DEBUG) => "portunus debug",
+                    _ => "other",
+                };
+                self.0.lock().unwrap().push(name);
+            }
+        }
+        let seen = Seen::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(operational_filter(rust_log))
+            .with(seen.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "rustls::msgs::handshake", "Illegal SNI extension");
+            tracing::error!(target: "rustls::conn", "an error");
+            tracing::info!(target: "portunus_proxy::proxy", "listening");
+            tracing::debug!(target: "portunus_proxy::proxy", "detail");
+        });
+        seen.0.lock().unwrap().clone()
+    }
+
+    #[test]
+    fn rustls_warnings_are_quiet_unless_rust_log_names_rustls() {
+        assert_eq!(passed(None), ["rustls error", "portunus info"]);
+        assert_eq!(passed(Some("warn")), ["rustls error"]);
+        assert_eq!(
+            passed(Some("info,rustls=warn")),
+            ["rustls warn", "rustls error", "portunus info"]
+        );
+        assert_eq!(
+            passed(Some("debug")),
+            ["rustls error", "portunus info", "portunus debug"]
+        );
+        // Not a valid filter: the default.
+        assert_eq!(passed(Some("=[")), ["rustls error", "portunus info"]);
     }
 
     #[test]
