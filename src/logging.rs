@@ -34,12 +34,11 @@ pub fn init(format: LogFormat, access: &AccessLog) -> anyhow::Result<()> {
         AccessTo::Off => "portunus::access=off",
         _ => "portunus::access=info",
     };
-    let filter = operational_filter(std::env::var("RUST_LOG").ok().as_deref())
-        .add_directive(
-            access_directive
-                .parse()
-                .map_err(|e| anyhow::anyhow!("access log filter: {e}"))?,
-        );
+    let filter = operational_filter(std::env::var("RUST_LOG").ok().as_deref())?.add_directive(
+        access_directive
+            .parse()
+            .map_err(|e| anyhow::anyhow!("access log filter: {e}"))?,
+    );
     let not_access = filter::filter_fn(|meta| meta.target() != ACCESS_TARGET);
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let ops = match format {
@@ -85,11 +84,12 @@ const QUIET_BY_DEFAULT: &str = "rustls=error";
 
 /// The operational logs' filter: `RUST_LOG` (`info` when unset or not valid) after
 /// [`QUIET_BY_DEFAULT`].
-fn operational_filter(rust_log: Option<&str>) -> EnvFilter {
+fn operational_filter(rust_log: Option<&str>) -> anyhow::Result<EnvFilter> {
     let quiet = |spec: &str| EnvFilter::try_new(format!("{QUIET_BY_DEFAULT},{spec}"));
-    rust_log
-        .and_then(|spec| quiet(spec).ok())
-        .unwrap_or_else(|| quiet("info").expect("the default filter is valid"))
+    match rust_log.map(quiet) {
+        Some(Ok(filter)) => Ok(filter),
+        _ => quiet("info").map_err(|e| anyhow::anyhow!("default log filter: {e}")),
+    }
 }
 
 /// Writes each access event as one line.
@@ -250,7 +250,7 @@ mod tests {
         }
         let seen = Seen::default();
         let subscriber = tracing_subscriber::registry()
-            .with(operational_filter(rust_log))
+            .with(operational_filter(rust_log).unwrap())
             .with(seen.clone());
         tracing::subscriber::with_default(subscriber, || {
             tracing::warn!(target: "rustls::msgs::handshake", "Illegal SNI extension");
