@@ -273,6 +273,8 @@ mod tests {
             passed(Some("debug")),
             ["rustls error", "portunus info", "portunus debug"]
         );
+        // Empty: as tracing reads an empty RUST_LOG (errors only).
+        assert_eq!(passed(Some("")), ["rustls error"]);
         // Not a valid filter: the default.
         assert_eq!(passed(Some("=[")), ["rustls error", "portunus info"]);
     }
