@@ -230,8 +230,8 @@ mod tests {
         f
     }
 
-    /// How many events at each of these (target, level) pairs pass the operational filter made
-    /// from `rust_log`.
+    /// Which of four events (a rustls warning and error, a Portunus info and debug line), in
+    /// the order sent, pass the operational filter made from `rust_log`.
     fn passed(rust_log: Option<&str>) -> Vec<&'static str> {
         #[derive(Clone, Default)]
         struct Seen(std::sync::Arc<Mutex<Vec<&'static str>>>);
