@@ -333,9 +333,7 @@ pin_project_lite::pin_project! {
         policy: Arc<ParkPolicy>,
         prefix: bytes::Bytes,
         timer: Option<Pin<Box<tokio::time::Sleep>>>,
-        // The quiet deadline the timer was last set from (it moves with traffic), and the
-        // wait before the next look while the connection cannot be parked.
-        armed_for: Option<Instant>,
+        // The wait before the next look while the connection cannot be parked.
         retry: Duration,
     }
 }
@@ -348,7 +346,6 @@ impl<T> ParkableIo<T> {
             policy,
             prefix: bytes::Bytes::new(),
             timer: None,
-            armed_for: None,
             retry: PARK_AFTER,
         }
     }
@@ -357,7 +354,6 @@ impl<T> ParkableIo<T> {
     /// when there are none, and the connection can wait for its client with no buffer.
     pub(crate) fn parked(&mut self, unread: bytes::Bytes) -> bool {
         self.timer = None;
-        self.armed_for = None;
         self.activity.unparked(!unread.is_empty());
         // Even empty, hyper's bytes hold on to its whole read buffer.
         self.prefix = if unread.is_empty() {
@@ -392,28 +388,30 @@ impl<T: AsyncRead> AsyncRead for ParkableIo<T> {
         let polled = this.inner.poll_read(cx, buf);
         // hyper reads again only when woken: the timer wakes it once the connection has been
         // quiet long enough, whatever was in flight when it last read. A tunnel never parks,
-        // and is never woken for it.
+        // and is never woken for it. The timer is not moved with each request (that was some
+        // 250 instructions a read): when it fires after traffic, it is set again from the
+        // last traffic, at most once per park delay.
         if polled.is_pending() && !this.activity.upgraded.load(Ordering::Relaxed) {
-            let delay = this.policy.delay();
-            let quiet = this.activity.idle_deadline(delay);
-            let timer = this
-                .timer
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(quiet)));
-            if *this.armed_for != Some(quiet) {
-                // Traffic since the timer was set: the quiet time counts from it.
-                *this.armed_for = Some(quiet);
+            let timer = this.timer.get_or_insert_with(|| {
+                let delay = this.policy.delay();
                 *this.retry = delay;
-                timer.as_mut().reset(quiet);
-            }
-            if timer.as_mut().poll(cx).is_ready() {
-                if this.activity.parkable() {
+                Box::pin(tokio::time::sleep_until(this.activity.idle_deadline(delay)))
+            });
+            while timer.as_mut().poll(cx).is_ready() {
+                let delay = this.policy.delay();
+                let quiet = this.activity.idle_deadline(delay);
+                if quiet > timer.deadline() {
+                    // Traffic since the timer was set: the quiet time counts from it.
+                    *this.retry = delay;
+                    timer.as_mut().reset(quiet);
+                } else if this.activity.parkable() {
                     this.activity.park_now.store(true, Ordering::Relaxed);
+                    break;
                 } else {
                     // Busy (a slow upstream, a body still arriving): look again, less and less
                     // often.
                     *this.retry = (*this.retry * 2).min(PARK_RETRY_MAX);
                     timer.as_mut().reset(Instant::now() + *this.retry);
-                    let _ = timer.as_mut().poll(cx);
                 }
             }
         }
