@@ -82,6 +82,10 @@ pub(crate) struct ConnCtx {
     pub(crate) force: CancellationToken,
     /// The SNI of a TLS connection, once its handshake is done.
     pub(crate) sni: std::sync::OnceLock<Option<String>>,
+    /// A host other than the SNI that this connection's certificate was found to cover: its
+    /// next requests for it skip the two resolver lookups (clients by IP send the same host
+    /// on every request). The certificate a connection was served does not change with it.
+    pub(crate) covered: std::sync::OnceLock<Box<str>>,
     pub(crate) resolver: Option<Arc<portunus_store::CertResolver>>,
 }
 
@@ -336,17 +340,26 @@ fn route(
 /// resolves to the very certificate the SNI (or, without SNI, the default) resolved to.
 fn connection_covers(ctx: &ConnCtx, host: &str) -> bool {
     let name = portunus_router::split_host_port(host).trim_end_matches('.');
-    let sni = ctx.sni.get().cloned().flatten();
-    if sni.as_deref().is_some_and(|s| s.eq_ignore_ascii_case(name)) {
+    let sni = ctx.sni.get().and_then(Option::as_deref);
+    if sni.is_some_and(|s| s.eq_ignore_ascii_case(name))
+        || ctx
+            .covered
+            .get()
+            .is_some_and(|c| c.eq_ignore_ascii_case(name))
+    {
         return true;
     }
     let Some(resolver) = &ctx.resolver else {
         return false;
     };
-    match (resolver.lookup(sni.as_deref()), resolver.lookup(Some(name))) {
+    let covers = match (resolver.lookup(sni), resolver.lookup(Some(name))) {
         (Some(served), Some(wanted)) => Arc::ptr_eq(&served, &wanted),
         _ => false,
+    };
+    if covers {
+        let _ = ctx.covered.set(name.into());
     }
+    covers
 }
 
 /// Whether a path holds what routing and an upstream could read differently: dot segments

@@ -245,6 +245,7 @@ impl Proxy {
                             tracker: tracker.clone(),
                             force: force.clone(),
                             sni: std::sync::OnceLock::new(),
+                            covered: std::sync::OnceLock::new(),
                             resolver: self.shared.resolver.load_full(),
                         }),
                         drain: drain.clone(),

@@ -210,6 +210,26 @@ async fn hosts_outside_the_connections_certificate_get_421() {
         "one certificate covers both"
     );
     assert_eq!(ask("x.w.test", "a.test").await, 421);
+
+    // One connection, requests pipelined: a host found covered once is remembered for the
+    // connection, and only that host.
+    let (config, _) = recording_config(&[b"http/1.1"]);
+    let mut tls = connect(addr, Some("x.w.test"), config).await.unwrap();
+    let mut requests = String::new();
+    for host in ["y.w.test", "a.test", "Y.W.test", "b.test", "z.w.test"] {
+        requests.push_str(&format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+    }
+    requests.push_str("GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
+    tls.write_all(requests.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let out = String::from_utf8_lossy(&out);
+    // Bodies end without a line break: status lines are found by their version.
+    let statuses: Vec<u16> = out
+        .match_indices("HTTP/1.1 ")
+        .map(|(at, _)| status_of(&out[at..]))
+        .collect();
+    assert_eq!(statuses, [200, 421, 200, 421, 200, 421], "{out}");
     stop.cancel();
 }
 
