@@ -10,11 +10,13 @@ use rustls::sign::CertifiedKey;
 /// The ALPN protocol of tls-alpn-01 validation (RFC 8737).
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
+/// Hashed with foldhash rather than std's SipHash: built from our certificates, looked up
+/// with what clients send (SNI, `Host`), which cannot make it collide.
 #[derive(Debug, Default, Clone)]
 struct Index {
-    exact: HashMap<String, Arc<CertifiedKey>>,
+    exact: foldhash::HashMap<String, Arc<CertifiedKey>>,
     /// Keyed by the suffix after `*.`.
-    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    wildcard: foldhash::HashMap<String, Arc<CertifiedKey>>,
 }
 
 fn normalize(name: &str) -> String {
