@@ -115,12 +115,20 @@ pin_project_lite::pin_project! {
         gap: std::time::Duration,
         // Armed only when a read has to wait: most bodies never need it.
         timer: Option<Pin<Box<tokio::time::Sleep>>>,
-        exceeded: std::sync::Arc<std::sync::atomic::AtomicU8>,
+        // Shared with the handler; none for a body that has already ended (nothing to cut).
+        exceeded: Option<std::sync::Arc<std::sync::atomic::AtomicU8>>,
         // A frame read ahead (before the upstream was contacted), given out first.
         first: Option<Frame<Bytes>>,
         done: bool,
         // Told when the body has been read to its end.
         end: Option<BodyEnd>,
+    }
+}
+
+/// Tells the handler why the body was cut.
+fn cut(exceeded: &Option<std::sync::Arc<std::sync::atomic::AtomicU8>>, why: u8) {
+    if let Some(exceeded) = exceeded {
+        exceeded.store(why, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -148,7 +156,7 @@ impl LimitedBody {
         end: Option<BodyEnd>,
         limit: u64,
         gap: std::time::Duration,
-        exceeded: std::sync::Arc<std::sync::atomic::AtomicU8>,
+        exceeded: Option<std::sync::Arc<std::sync::atomic::AtomicU8>>,
     ) -> Self {
         Self {
             inner,
@@ -198,8 +206,7 @@ impl Body for LimitedBody {
                 if let Some(data) = frame.data_ref() {
                     *this.seen += data.len() as u64;
                     if *this.limit > 0 && *this.seen > *this.limit {
-                        this.exceeded
-                            .store(CUT_TOO_LARGE, std::sync::atomic::Ordering::Relaxed);
+                        cut(this.exceeded, CUT_TOO_LARGE);
                         return Poll::Ready(Some(Err(BodyError::TooLarge(*this.limit))));
                     }
                 }
@@ -213,8 +220,7 @@ impl Body for LimitedBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                this.exceeded
-                    .store(CUT_MALFORMED, std::sync::atomic::Ordering::Relaxed);
+                cut(this.exceeded, CUT_MALFORMED);
                 Poll::Ready(Some(Err(BodyError::Client(e))))
             }
             Poll::Ready(None) => {
@@ -230,8 +236,7 @@ impl Body for LimitedBody {
                 .poll(cx)
             {
                 Poll::Ready(()) => {
-                    this.exceeded
-                        .store(CUT_STALLED, std::sync::atomic::Ordering::Relaxed);
+                    cut(this.exceeded, CUT_STALLED);
                     Poll::Ready(Some(Err(BodyError::Stalled(*this.gap))))
                 }
                 Poll::Pending => Poll::Pending,

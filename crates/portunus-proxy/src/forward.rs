@@ -178,7 +178,11 @@ impl AccessFields {
                 .map_or("/", |p| p.as_str())
                 .to_owned(),
             version: req.version(),
-            host: request_host(req).unwrap_or("").to_owned(),
+            host: RequestHost::of(req)
+                .as_ref()
+                .and_then(RequestHost::as_str)
+                .unwrap_or("")
+                .to_owned(),
             referer: header(header::REFERER),
             user_agent: header(header::USER_AGENT),
         }
@@ -237,17 +241,34 @@ pub(crate) fn error_response(error: &RequestError) -> Response<ProxyBody> {
 }
 
 /// The host a request is for: the URI's authority (HTTP/2, absolute form), else `Host`.
-/// A request with several `Host` headers has none (RFC 9112 §3.2: 400).
-fn request_host(req: &Request<Incoming>) -> Option<&str> {
-    if let Some(authority) = req.uri().authority() {
-        return Some(authority.as_str());
+/// A request with several `Host` headers has none (RFC 9112 §3.2: 400). It shares the
+/// request's bytes (a reference count, not a copy), and outlives the request taken apart.
+enum RequestHost {
+    Authority(http::uri::Authority),
+    Header(HeaderValue),
+}
+
+impl RequestHost {
+    fn of(req: &Request<Incoming>) -> Option<Self> {
+        if let Some(authority) = req.uri().authority() {
+            return Some(Self::Authority(authority.clone()));
+        }
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        let host = hosts.next()?;
+        if hosts.next().is_some() {
+            return None;
+        }
+        Some(Self::Header(host.clone()))
     }
-    let mut hosts = req.headers().get_all(header::HOST).iter();
-    let host = hosts.next()?;
-    if hosts.next().is_some() {
-        return None;
+
+    /// The host as text; `None` if it is empty or not visible ASCII.
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Self::Authority(authority) => Some(authority.as_str()),
+            Self::Header(value) => value.to_str().ok(),
+        }
+        .filter(|h| !h.is_empty())
     }
-    host.to_str().ok().filter(|h| !h.is_empty())
 }
 
 /// What routing decided.
@@ -310,12 +331,11 @@ fn route(
             Bytes::from(answer),
         )));
     }
-    let host = request_host(&req)
-        .ok_or(RequestError::MissingHost)?
-        .to_owned();
+    let host = RequestHost::of(&req).ok_or(RequestError::MissingHost)?;
+    let host = host.as_str().ok_or(RequestError::MissingHost)?;
     let site_index = table
         .router
-        .site_for(&host)
+        .site_for(host)
         .ok_or(RequestError::UnknownHost)?;
     *site_out = Some(site_index);
     let site = table.sites.get(site_index);
@@ -324,16 +344,16 @@ fn route(
         && site.is_some_and(|s| s.tls && s.https_redirect)
     {
         return Ok(Routed::Answer(redirect_to_https(
-            &host,
+            host,
             req.uri(),
             table.https_port,
         )));
     }
-    if ctx.client.tls && !connection_covers(ctx, &host) {
+    if ctx.client.tls && !connection_covers(ctx, host) {
         return Err(RequestError::Misdirected);
     }
     let hsts = site.filter(|_| ctx.client.tls).and_then(|s| s.hsts.clone());
-    prepare(table, req, ctx, &host, site_index, websocket, hsts)
+    prepare(table, req, ctx, host, site_index, websocket, hsts)
 }
 
 /// Whether the certificate of this TLS connection covers `host`: the host is the SNI, or
@@ -446,8 +466,8 @@ struct Forward {
     forwarding: Bytes,
     /// Taken by the first attempt (a retry is only allowed without a body).
     body: Option<LimitedBody>,
-    /// Set by `body` when it cuts the request body off.
-    exceeded: Arc<std::sync::atomic::AtomicU8>,
+    /// Set by `body` when it cuts the request body off (none without a body).
+    exceeded: Option<Arc<std::sync::atomic::AtomicU8>>,
     max_body: u64,
     retry_allowed: bool,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -510,15 +530,17 @@ fn prepare(
         && body.is_end_stream()
         && !websocket
         && pool.upstreams().len() > 1;
-    let exceeded = Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let pending = !body.is_end_stream();
+    // A body that has already ended cannot be cut: no flag for it (an allocation saved).
+    let exceeded = pending.then(|| Arc::new(std::sync::atomic::AtomicU8::new(0)));
     // Pairs with `begin_request`, which saw the same body pending.
-    let body_end = (!body.is_end_stream()).then(|| ctx.activity.body_end());
+    let body_end = pending.then(|| ctx.activity.body_end());
     let body = LimitedBody::new(
         body,
         body_end,
         max_body,
         table.timeouts.body_read,
-        Arc::clone(&exceeded),
+        exceeded.clone(),
     );
     Ok(Routed::Forward(Forward {
         target,
@@ -620,7 +642,11 @@ async fn send(
         if matches!(error, RequestError::NoUpstream(_)) {
             pool.mark_failed(upstream);
         }
-        match forward.exceeded.load(std::sync::atomic::Ordering::Relaxed) {
+        match forward
+            .exceeded
+            .as_ref()
+            .map_or(0, |e| e.load(std::sync::atomic::Ordering::Relaxed))
+        {
             CUT_TOO_LARGE => return Err(RequestError::TooLarge(forward.max_body)),
             CUT_STALLED => return Err(RequestError::BodyTimeout),
             CUT_MALFORMED => return Err(RequestError::BadBody),
