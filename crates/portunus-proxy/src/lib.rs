@@ -57,6 +57,7 @@ mod headers;
 mod metrics;
 mod proxy;
 mod settings;
+mod streams;
 mod tls;
 mod upstream;
 mod wire;

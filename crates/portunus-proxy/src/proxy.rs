@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use portunus_router::{Router, Site};
 use portunus_store::ACME_TLS_ALPN;
 use tokio::net::{TcpListener, TcpStream};
@@ -28,6 +28,7 @@ use crate::forward::{Action, ConnCtx, SiteInfo, Table, Target, handle};
 use crate::headers::ClientConn;
 use crate::metrics::{Registry, escape};
 use crate::settings::{Handler, ProxySettings};
+use crate::streams::{Streams, WithStreams};
 use crate::upstream::Pool;
 
 /// A reverse proxy: routes requests by host and path to upstream pools.
@@ -515,6 +516,12 @@ where
     }
 }
 
+impl<C: Drain> Drain for WithStreams<C> {
+    fn drain(self: Pin<&mut Self>) {
+        self.conn().drain();
+    }
+}
+
 /// One accepted client connection.
 struct Connection {
     /// Its place under the listener's connection caps.
@@ -731,7 +738,8 @@ impl Connection {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let conn = http2::Builder::new(TokioExecutor::new())
+        let streams = Streams::new();
+        let conn = http2::Builder::new(streams.clone())
             .timer(TokioTimer::new())
             .max_concurrent_streams(self.shared.h2_max_streams)
             .max_header_list_size(u32::try_from(self.shared.max_header_bytes).unwrap_or(u32::MAX))
@@ -747,8 +755,8 @@ impl Connection {
                 self.service(|table, client, req, ctx| Box::pin(handle(table, client, req, ctx))),
             );
         // In its own allocation, sized for HTTP/2: inline, every connection task would be
-        // this large.
-        let mut conn = Box::pin(conn);
+        // this large. Its streams run in this task (see `streams`).
+        let mut conn = Box::pin(WithStreams::new(conn, streams));
         drive(conn.as_mut(), false, &self.shared, &self.ctx, &self.drain).await;
     }
 }

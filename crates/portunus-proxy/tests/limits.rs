@@ -587,6 +587,31 @@ async fn idle_http2_connections_are_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_of_one_connection_are_answered_independently() {
+    // The streams run in their connection's task: a slow one must not hold up the others,
+    // and its answer still comes once the upstream gives it.
+    let up = EchoServer::start("up").await.unwrap();
+    let (addr, _stop) = tls_proxy(up.url()).await;
+    let (client, _conn) = h2_client(addr).await;
+    let mut client = client.ready().await.unwrap();
+    let get = |path: &str| {
+        http::Request::get(format!("https://a.test{path}"))
+            .body(())
+            .unwrap()
+    };
+    let (slow, _) = client.send_request(get("/slow?ms=1500"), true).unwrap();
+    let mut slow = tokio::spawn(slow);
+    for _ in 0..3 {
+        let mut ready = client.clone().ready().await.unwrap();
+        let (fast, _) = ready.send_request(get("/"), true).unwrap();
+        assert_eq!(fast.await.unwrap().status(), 200);
+        assert!(!slow.is_finished(), "a fast stream waited for the slow one");
+    }
+    let slow = tokio::time::timeout(Duration::from_secs(10), &mut slow).await;
+    assert_eq!(slow.unwrap().unwrap().unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_concurrent_streams_are_capped() {
     let up = EchoServer::start("up").await.unwrap();
     let (addr, _stop) = tls_proxy(up.url()).await;
