@@ -4,7 +4,8 @@
 //! - serve HTTP/1.1 on plain listeners ([`Proxy::serve`]) and HTTPS with HTTP/2 or HTTP/1.1
 //!   chosen by ALPN ([`Proxy::serve_tls`], certificates from a
 //!   [`portunus_store::CertResolver`] through [`server_config`]), and route each request by
-//!   host and path ([`portunus_router`]) to a pool of upstreams or a static answer;
+//!   host and path ([`portunus_router`]) to a pool of upstreams or a static answer; an
+//!   HTTP/2 connection's streams run concurrently within the connection's own task;
 //! - redirect plain-HTTP requests of TLS sites to HTTPS, add HSTS, answer ACME http-01 and
 //!   tls-alpn-01 challenges published in the store;
 //! - forward over pooled keep-alive HTTP/1.1 connections (one pool per worker thread; a
