@@ -389,7 +389,7 @@ impl<T: AsyncRead> AsyncRead for ParkableIo<T> {
         // hyper reads again only when woken: the timer wakes it once the connection has been
         // quiet long enough, whatever was in flight when it last read. A tunnel never parks,
         // and is never woken for it. The timer is not moved with each request (that was some
-        // 250 instructions a read): when it fires after traffic, it is set again from the
+        // 300 instructions a request): when it fires after traffic, it is set again from the
         // last traffic, at most once per park delay.
         if polled.is_pending() && !this.activity.upgraded.load(Ordering::Relaxed) {
             let timer = this.timer.get_or_insert_with(|| {
