@@ -580,9 +580,9 @@ fn send(
     ctx: Arc<ConnCtx>,
     mut forward: Forward,
 ) -> impl Future<Output = Result<Response<ProxyBody>, RequestError>> + Send + 'static {
-    // An async block rather than an `async fn`: that keeps its arguments twice in its state
-    // (as passed, and as moved into its body), here some 570 of 1,770 bytes that each move
-    // of the request's future copies and each request in flight holds.
+    // An async block rather than an `async fn`, which keeps its arguments twice in its state
+    // (as passed, and as moved into its body): the request's future is 1,448 bytes instead of
+    // 1,776, which each move of it copies and each request in flight holds.
     async move {
         let Action::Forward(pool) = &forward.target.action else {
             return Err(RequestError::NoRoute);
