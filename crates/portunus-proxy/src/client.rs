@@ -207,10 +207,15 @@ impl UpstreamClient {
     /// One that was written but got no response at all goes out again on a new connection if
     /// it is safe to (idempotent, no body) and the connection had been idle for
     /// [`STALE_AFTER`] or more.
+    ///
+    /// The response's fields go into `spare`'s allocation (the request's own map, which a
+    /// response takes, emptied; see [`wire::parse_head`]): it is left as it was when no
+    /// response came.
     pub(crate) async fn send(
         self: &Arc<Self>,
         address: &Address,
         mut req: Outgoing,
+        spare: &mut http::HeaderMap,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
         let mut fresh = false;
         loop {
@@ -220,9 +225,10 @@ impl UpstreamClient {
                 None => (self.connect(&address.0.authority).await?, None),
             };
             let mut state = Exchange::default();
-            let result =
-                std::future::poll_fn(|cx| wire::poll_exchange(&mut conn, &mut req, &mut state, cx))
-                    .await;
+            let result = std::future::poll_fn(|cx| {
+                wire::poll_exchange(&mut conn, &mut req, &mut state, spare, cx)
+            })
+            .await;
             let error = match result {
                 Ok(head) => {
                     let reading = Reading::new(&head, req, &state);
@@ -503,7 +509,10 @@ mod tests {
     async fn exchange(client: &Arc<UpstreamClient>, up: &EchoServer, path: &str) {
         let address = Address::new(up.addr.to_string().parse().unwrap());
         let host = up.addr.to_string();
-        let response = client.send(&address, get(&host, path)).await.unwrap();
+        let response = client
+            .send(&address, get(&host, path), &mut http::HeaderMap::new())
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200);
         response.into_body().collect().await.unwrap();
     }
@@ -540,7 +549,10 @@ mod tests {
             Duration::from_secs(1),
             Duration::from_secs(5),
         ));
-        let error = client.send(&address, get("a.test", "/")).await.unwrap_err();
+        let error = client
+            .send(&address, get("a.test", "/"), &mut http::HeaderMap::new())
+            .await
+            .unwrap_err();
         assert!(matches!(error, UpstreamError::Connect(_)), "{error:?}");
         assert!(error.is_connect());
     }

@@ -633,7 +633,9 @@ fn send(
             let guard = ActiveGuard::new(Arc::clone(upstream));
             let sent = tokio::time::timeout(
                 table.timeouts.response_header,
-                client.send(&upstream.address, upstream_req),
+                // A response takes the request's map for its own fields; a failed attempt
+                // leaves it for the next.
+                client.send(&upstream.address, upstream_req, &mut forward.headers),
             )
             .await;
             let error = match sent {

@@ -164,7 +164,9 @@ pub mod fuzzing {
         };
         let step = usize::from(first >> 1).max(1);
         let mut buf = bytes::BytesMut::from(rest);
-        let Ok(Some(head)) = crate::wire::parse_head(&mut buf, first & 1 == 1) else {
+        let Ok(Some(head)) =
+            crate::wire::parse_head(&mut buf, first & 1 == 1, &mut http::HeaderMap::new())
+        else {
             return;
         };
         let mut decoder = head.body;
@@ -242,7 +244,8 @@ pub mod bench {
     /// how many fields it kept, or `None` when `head` is not a whole, valid head.
     pub fn parse_response(head: &[u8]) -> Option<usize> {
         let mut buf = bytes::BytesMut::from(head);
-        let parsed = crate::wire::parse_head(&mut buf, false).ok()??;
+        let parsed =
+            crate::wire::parse_head(&mut buf, false, &mut http::HeaderMap::new()).ok()??;
         Some(parsed.response.headers().len())
     }
 }
