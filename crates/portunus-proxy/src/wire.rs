@@ -635,7 +635,7 @@ pub(crate) fn parse_head(
     let drop_length = facts.transfer_encoding.is_some();
     let head = buf.split_to(len).freeze();
     let bytes = |(start, end): (u32, u32)| &head[start as usize..end as usize];
-    let mut headers = if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+    let mut headers = if is_interim(status) {
         HeaderMap::with_capacity(count)
     } else {
         let mut spare = std::mem::take(spare);
@@ -688,6 +688,12 @@ pub(crate) fn parse_head(
         body,
         keep_alive,
     }))
+}
+
+/// An interim response (`100 Continue`, `103 Early Hints`): skipped, the final one still to
+/// come. A `101` is final: the tunnel starts.
+fn is_interim(status: StatusCode) -> bool {
+    status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS
 }
 
 /// How a response's body is framed, and whether its connection may be reused (RFC 9112 §6.3,
@@ -866,7 +872,7 @@ pub(crate) fn poll_exchange(
                         MalformedResponse::UnexpectedUpgrade,
                     )));
                 }
-                if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+                if is_interim(status) {
                     continue;
                 }
                 return Poll::Ready(Ok(head));
