@@ -16,6 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// What the watchdog decided.
@@ -50,6 +51,9 @@ pub(crate) struct Activity {
     flushed: AtomicBool,
     /// Set by [`ParkableIo`] when the connection should be parked; taken by its driver.
     park_now: AtomicBool,
+    /// The request in flight asked to close the connection after its answer (HTTP/1:
+    /// `Connection: close`, or HTTP/1.0 without `keep-alive`).
+    closes: AtomicBool,
 }
 
 impl Activity {
@@ -65,6 +69,7 @@ impl Activity {
             upgraded: AtomicBool::new(false),
             flushed: AtomicBool::new(true),
             park_now: AtomicBool::new(false),
+            closes: AtomicBool::new(false),
         })
     }
 
@@ -111,6 +116,18 @@ impl Activity {
             self.upgraded.store(true, Ordering::Relaxed);
         }
         RequestGuard(Arc::clone(self))
+    }
+
+    /// The request just begun closes the connection after its answer (hyper will shut the
+    /// connection down once it has written it).
+    pub(crate) fn closes_after_answer(&self) {
+        self.closes.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the connection's last answer has been handed over (its request is no longer
+    /// in flight) and the connection closes next.
+    fn closing(&self) -> bool {
+        self.closes.load(Ordering::Relaxed) && self.in_flight.load(Ordering::Relaxed) == 0
     }
 
     /// The token of the latest request's body, announced to [`Activity::begin_request`] as
@@ -460,86 +477,130 @@ impl<T: AsyncWrite> AsyncWrite for ParkableIo<T> {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// An I/O stream that reports its traffic to an [`Activity`], and fails a write that
-    /// cannot make progress for `write_timeout` (a client that stopped reading).
-    #[derive(Debug)]
-    pub(crate) struct TrackedIo<T> {
-        #[pin]
-        inner: T,
-        activity: Arc<Activity>,
-        write_timeout: Duration,
-        stalled: Option<Pin<Box<tokio::time::Sleep>>>,
-    }
+/// A client connection's socket as the layers above it see it: it reports its traffic to an
+/// [`Activity`], fails a write that cannot make progress for `write_timeout` (a client that
+/// stopped reading), and sends the last answer of a connection that closes after it, the TLS
+/// `close_notify` and the FIN in one TCP segment, not three (see [`TrackedIo::cork_last`]).
+#[derive(Debug)]
+pub(crate) struct TrackedIo {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+    write_timeout: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// `TCP_CORK` is on: partial segments wait in the kernel.
+    corked: bool,
 }
 
-impl<T> TrackedIo<T> {
-    pub(crate) fn get_ref(&self) -> &T {
+impl TrackedIo {
+    pub(crate) fn get_ref(&self) -> &TcpStream {
         &self.inner
     }
 
-    pub(crate) fn new(inner: T, activity: Arc<Activity>, write_timeout: Duration) -> Self {
+    pub(crate) fn new(inner: TcpStream, activity: Arc<Activity>, write_timeout: Duration) -> Self {
         Self {
             inner,
             activity,
             write_timeout,
             stalled: None,
+            corked: false,
+        }
+    }
+
+    /// Before a write: once the answer to a request that closes the connection has been
+    /// handed over, what is written from then on (its last bytes, TLS's `close_notify`) waits
+    /// in the kernel, corked, for the FIN of the shutdown that follows, and leaves with it in
+    /// one segment. A client connecting for one request (`Connection: close`, HTTP/1.0) then
+    /// costs two fewer segments through both TCP stacks. Streamed answers are unaffected: the
+    /// cork comes only after their end.
+    fn cork_last(&mut self) {
+        if !self.corked && self.activity.closing() {
+            self.set_cork(true);
+        }
+    }
+
+    /// Before waiting for the client: nothing may stay corked then (were the connection kept
+    /// after all, the client would wait for an answer held back).
+    fn uncork(&mut self) {
+        if self.corked {
+            self.set_cork(false);
+            self.activity.closes.store(false, Ordering::Relaxed);
+        }
+    }
+
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn set_cork(&mut self, on: bool) {
+        self.corked = socket2::SockRef::from(&self.inner).set_tcp_cork(on).is_ok() && on;
+    }
+
+    /// Elsewhere there is no `TCP_CORK`: each write goes out as it comes.
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    fn set_cork(&mut self, _on: bool) {}
+
+    /// Counts a write's traffic; fails it once it has been stuck for `write_timeout`.
+    fn wrote(
+        &mut self,
+        polled: Poll<io::Result<usize>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.on_traffic(false);
+        }
+        self.unless_stalled(polled, cx)
+    }
+
+    /// `polled` (a write or a flush), or an error once writes have been pending for longer
+    /// than `write_timeout`: the client stopped reading.
+    fn unless_stalled<R>(
+        &mut self,
+        polled: Poll<io::Result<R>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<R>> {
+        if !polled.is_pending() {
+            self.stalled = None;
+            return polled;
+        }
+        let timeout = self.write_timeout;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            ))),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
 
-/// Tracks how long writes have been pending; an error once that exceeds the timeout.
-fn check_stall(
-    stalled: &mut Option<Pin<Box<tokio::time::Sleep>>>,
-    timeout: Duration,
-    pending: bool,
-    cx: &mut Context<'_>,
-) -> Option<io::Error> {
-    if !pending {
-        *stalled = None;
-        return None;
-    }
-    let timer = stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-    match timer.as_mut().poll(cx) {
-        Poll::Ready(()) => Some(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "the client stopped reading",
-        )),
-        Poll::Pending => None,
-    }
-}
-
-impl<T: AsyncRead> AsyncRead for TrackedIo<T> {
+impl AsyncRead for TrackedIo {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.project();
+        let this = self.get_mut();
         let before = buf.filled().len();
-        let polled = this.inner.poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.activity.on_traffic(true);
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        match polled {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => this.activity.on_traffic(true),
+            Poll::Pending => this.uncork(),
+            _ => {}
         }
         polled
     }
 }
 
-impl<T: AsyncWrite> AsyncWrite for TrackedIo<T> {
+impl AsyncWrite for TrackedIo {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        let polled = this.inner.poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.on_traffic(false);
-        }
-        if let Some(e) = check_stall(this.stalled, *this.write_timeout, polled.is_pending(), cx) {
-            return Poll::Ready(Err(e));
-        }
-        polled
+        let this = self.get_mut();
+        this.cork_last();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.wrote(polled, cx)
     }
 
     fn poll_write_vectored(
@@ -547,15 +608,10 @@ impl<T: AsyncWrite> AsyncWrite for TrackedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        let polled = this.inner.poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.on_traffic(false);
-        }
-        if let Some(e) = check_stall(this.stalled, *this.write_timeout, polled.is_pending(), cx) {
-            return Poll::Ready(Err(e));
-        }
-        polled
+        let this = self.get_mut();
+        this.cork_last();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.wrote(polled, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -563,16 +619,14 @@ impl<T: AsyncWrite> AsyncWrite for TrackedIo<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.project();
-        let polled = this.inner.poll_flush(cx);
-        if let Some(e) = check_stall(this.stalled, *this.write_timeout, polled.is_pending(), cx) {
-            return Poll::Ready(Err(e));
-        }
-        polled
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.unless_stalled(polled, cx)
     }
 
+    /// The FIN takes what waits corked along.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -621,6 +675,82 @@ mod tests {
         );
         assert_eq!(future.as_mut().poll(&mut cx), Poll::Ready(7));
         assert_eq!(polls.load(Ordering::Relaxed), 2);
+    }
+
+    /// Our end and the peer's of a loopback TCP connection, ours tracked by `activity`.
+    async fn tracked_pair(activity: &Arc<Activity>) -> (TrackedIo, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
+        let io = TrackedIo::new(ours, Arc::clone(activity), Duration::from_secs(5));
+        (io, peer)
+    }
+
+    fn corked(io: &TrackedIo) -> bool {
+        socket2::SockRef::from(io.get_ref()).tcp_cork().unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_end_of_a_last_answer_is_corked_until_the_fin() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let activity = Activity::new(true);
+        let (mut io, mut peer) = tracked_pair(&activity).await;
+        let guard = activity.begin_request(false, false);
+        activity.closes_after_answer();
+        // While the answer is in flight, what it writes goes out as it comes.
+        io.write_all(b"head, ").await.unwrap();
+        assert!(!corked(&io));
+        let mut first = [0u8; 6];
+        peer.read_exact(&mut first).await.unwrap();
+        drop(guard);
+        io.write_all(b"end, ").await.unwrap();
+        assert!(corked(&io), "the answer's end waits");
+        io.write_all(b"close_notify").await.unwrap();
+        io.shutdown().await.unwrap();
+        let mut rest = String::new();
+        peer.read_to_string(&mut rest).await.unwrap();
+        assert_eq!(rest, "end, close_notify", "all of it, then the end");
+    }
+
+    #[tokio::test]
+    async fn a_connection_kept_after_all_is_uncorked_before_it_waits_for_its_client() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let activity = Activity::new(true);
+        let (mut io, mut peer) = tracked_pair(&activity).await;
+        drop(activity.begin_request(false, false));
+        activity.closes_after_answer();
+        io.write_all(b"answer").await.unwrap();
+        assert!(corked(&io));
+        // The server reads on instead of closing: nothing to read yet.
+        let mut buf = [0u8; 16];
+        let waits = std::future::poll_fn(|cx| {
+            let mut read = ReadBuf::new(&mut buf);
+            Poll::Ready(Pin::new(&mut io).poll_read(cx, &mut read).is_pending())
+        })
+        .await;
+        assert!(waits);
+        assert!(!corked(&io), "nothing held while waiting for the client");
+        let mut got = [0u8; 6];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"answer");
+        io.write_all(b"more").await.unwrap();
+        assert!(!corked(&io), "and the connection is an ordinary one again");
+    }
+
+    #[tokio::test]
+    async fn answers_on_a_kept_connection_are_never_corked() {
+        use tokio::io::AsyncWriteExt as _;
+        let activity = Activity::new(true);
+        let (mut io, _peer) = tracked_pair(&activity).await;
+        for _ in 0..2 {
+            let guard = activity.begin_request(false, false);
+            io.write_all(b"head").await.unwrap();
+            drop(guard);
+            io.write_all(b"end").await.unwrap();
+            assert!(!corked(&io));
+        }
     }
 
     #[tokio::test(start_paused = true)]

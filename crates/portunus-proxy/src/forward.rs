@@ -101,10 +101,13 @@ pub(crate) fn handle(
     req: Request<Incoming>,
     ctx: Arc<ConnCtx>,
 ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
-    let guard = ctx.activity.begin_request(
-        !req.body().is_end_stream(),
-        req.headers().contains_key(header::UPGRADE),
-    );
+    let upgrade = req.headers().contains_key(header::UPGRADE);
+    let guard = ctx
+        .activity
+        .begin_request(!req.body().is_end_stream(), upgrade);
+    if !upgrade && closes_after_answer(&req) {
+        ctx.activity.closes_after_answer();
+    }
     let started = std::time::Instant::now();
     let method = req.method().clone();
     // Cheap: a `Uri` shares its bytes. Kept for error logs only.
@@ -149,6 +152,16 @@ pub(crate) fn handle(
         }
         response.map(|body| body.with_request_guard(guard))
     })
+}
+
+/// Whether hyper closes an HTTP/1 connection once it has answered `req`: the client said
+/// `Connection: close`, or spoke HTTP/1.0 without asking to keep the connection alive.
+fn closes_after_answer<B>(req: &Request<B>) -> bool {
+    match req.version() {
+        Version::HTTP_11 => has_token(req.headers(), &header::CONNECTION, "close"),
+        Version::HTTP_10 => !has_token(req.headers(), &header::CONNECTION, "keep-alive"),
+        _ => false,
+    }
 }
 
 /// What the access log needs of a request, taken before it is consumed.
@@ -721,7 +734,33 @@ fn hyper_io_error(e: std::io::Error) -> Box<dyn std::error::Error + Send + Sync>
 
 #[cfg(test)]
 mod tests {
-    use super::unsafe_path;
+    use super::{closes_after_answer, unsafe_path};
+    use http::{Request, Version};
+
+    #[test]
+    fn which_requests_close_their_connection() {
+        for (version, connection, closes) in [
+            (Version::HTTP_11, None, false),
+            (Version::HTTP_11, Some("close"), true),
+            (Version::HTTP_11, Some("Keep-Alive, Close"), true),
+            (Version::HTTP_11, Some("keep-alive"), false),
+            (Version::HTTP_10, None, true),
+            (Version::HTTP_10, Some("keep-alive"), false),
+            (Version::HTTP_10, Some("close"), true),
+            (Version::HTTP_2, None, false),
+        ] {
+            let mut req = Request::builder().version(version);
+            if let Some(value) = connection {
+                req = req.header(http::header::CONNECTION, value);
+            }
+            let req = req.body(()).unwrap();
+            assert_eq!(
+                closes_after_answer(&req),
+                closes,
+                "{version:?} {connection:?}"
+            );
+        }
+    }
 
     #[test]
     fn unsafe_paths() {

@@ -27,6 +27,8 @@
 //!   (10 ms while the listener has more than 256 connections open), hyper's connection state
 //!   and buffers are freed and only the socket is watched until the client sends again, so an
 //!   idle connection costs a few KiB;
+//! - send the end of the last answer of a connection that closes after it (`Connection:
+//!   close`, HTTP/1.0), TLS's `close_notify` and the FIN in one TCP segment (Linux);
 //! - count requests per site and status class, latency, upstream health and open and parked
 //!   connections ([`Proxy::metrics_text`]), and emit one event per request on target
 //!   `portunus::access`;

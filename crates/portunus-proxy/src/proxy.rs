@@ -569,7 +569,7 @@ impl Connection {
         }
     }
 
-    async fn serve_tls(self, io: TrackedIo<TcpStream>, acceptor: TlsAcceptor) {
+    async fn serve_tls(self, io: TrackedIo, acceptor: TlsAcceptor) {
         let timeout = self.shared.table.load().timeouts.tls_handshake;
         let handshake = tokio::select! {
             result = tokio::time::timeout(timeout, acceptor.accept(io)) => result,
@@ -883,13 +883,13 @@ trait ClientStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send 
     fn tcp(&self) -> &TcpStream;
 }
 
-impl ClientStream for TrackedIo<TcpStream> {
+impl ClientStream for TrackedIo {
     fn tcp(&self) -> &TcpStream {
         self.get_ref()
     }
 }
 
-impl ClientStream for tokio_rustls::server::TlsStream<TrackedIo<TcpStream>> {
+impl ClientStream for tokio_rustls::server::TlsStream<TrackedIo> {
     fn tcp(&self) -> &TcpStream {
         self.get_ref().0.get_ref()
     }

@@ -60,6 +60,7 @@ async fn a_parked_connection_keeps_little_memory() {
         proxy,
         stop,
         done,
+        ..
     } = Serving::plain(settings).await;
 
     // A first batch warms up what does not grow with connections (the upstream pool, the

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -311,16 +312,16 @@ async fn echo_as_it_reads() -> String {
     url
 }
 
-#[tokio::test]
-async fn an_answer_streams_while_the_request_body_is_still_being_sent() {
-    let url = echo_as_it_reads().await;
-    let r = Serving::plain(ProxySettings::new().site(site("a.test", &url))).await;
-    let mut s = TcpStream::connect(r.addr).await.unwrap();
-    s.write_all(
-        b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n",
-    )
-    .await
-    .unwrap();
+/// Sends a request with a chunked body through the proxy at `addr` to [`echo_as_it_reads`],
+/// its head carrying `headers`, in three pieces: the first two each come back before the
+/// next is sent. Returns the connection once the last piece (the body's end) is sent.
+async fn streamed_exchange(addr: SocketAddr, headers: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: a.test\r\n{headers}Transfer-Encoding: chunked\r\n\r\n\
+         5\r\nfirst\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
     // The first chunk comes back before the client has sent the rest.
     let got = read_until(&mut s, "first").await;
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
@@ -328,6 +329,14 @@ async fn an_answer_streams_while_the_request_body_is_still_being_sent() {
     s.write_all(b"6\r\nsecond\r\n").await.unwrap();
     assert!(read_until(&mut s, "second").await.contains("second"));
     s.write_all(b"0\r\n\r\n").await.unwrap();
+    s
+}
+
+#[tokio::test]
+async fn an_answer_streams_while_the_request_body_is_still_being_sent() {
+    let url = echo_as_it_reads().await;
+    let r = Serving::plain(ProxySettings::new().site(site("a.test", &url))).await;
+    let mut s = streamed_exchange(r.addr, "").await;
     let rest = read_until(&mut s, "0\r\n\r\n").await;
     assert!(
         rest.ends_with("0\r\n\r\n"),
@@ -345,6 +354,20 @@ async fn an_answer_streams_while_the_request_body_is_still_being_sent() {
         next.starts_with("HTTP/1.1 200") && next.ends_with("0\r\n\r\n"),
         "{next}"
     );
+}
+
+#[tokio::test]
+async fn an_answer_to_a_request_that_closes_the_connection_streams_too() {
+    // Its end (and only its end) waits for the FIN: what comes before goes out at once.
+    let url = echo_as_it_reads().await;
+    let r = Serving::plain(ProxySettings::new().site(site("a.test", &url))).await;
+    let mut s = streamed_exchange(r.addr, "Connection: close\r\n").await;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("the connection ends with the answer")
+        .unwrap();
+    assert!(rest.ends_with(b"0\r\n\r\n"), "{rest:?}");
 }
 
 #[tokio::test]

@@ -1,103 +1,38 @@
-//! Parked HTTP/1 connections: a keep-alive connection that has been quiet for a second (few
-//! connections open, as here) gives its buffers back and is taken up again when its client
-//! sends, over plain TCP and TLS, with bodies, pipelined heads and WebSocket upgrades.
+//! Client connections over their life: a keep-alive connection that has been quiet for a
+//! second (few connections open, as here) gives its buffers back (it is parked) and is taken
+//! up again when its client sends, over plain TCP and TLS, with bodies, pipelined heads and
+//! WebSocket upgrades; a connection whose request asks to close it gets its whole answer and
+//! a clean end.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::Serving;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use portunus_proxy::{Proxy, ProxySettings, SiteSettings, server_config};
-use portunus_store::{CertResolver, LOCAL_LEAF_LIFETIME, LocalCa};
+use portunus_proxy::{ProxySettings, SiteSettings};
 use portunus_test_utils::{EchoServer, read_until, wait_until};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_util::sync::CancellationToken;
-
-struct Served {
-    addr: SocketAddr,
-    proxy: Proxy,
-    stop: CancellationToken,
-    done: tokio::task::JoinHandle<()>,
-    /// The root certificate clients trust, for TLS.
-    root: Option<String>,
-}
-
-impl Served {
-    /// `portunus_connections_parked` of the one listener.
-    fn parked(&self) -> usize {
-        common::parked(&self.proxy, self.addr)
-    }
-
-    async fn connect(&self) -> Box<dyn Stream> {
-        let tcp = TcpStream::connect(self.addr).await.unwrap();
-        match &self.root {
-            None => Box::new(tcp),
-            Some(root) => {
-                let config = portunus_test_utils::tls::trusting(root, &[b"http/1.1"]);
-                let name = rustls::pki_types::ServerName::try_from("a.test").unwrap();
-                let tls = tokio_rustls::TlsConnector::from(config)
-                    .connect(name, tcp)
-                    .await
-                    .unwrap();
-                Box::new(tls)
-            }
-        }
-    }
-}
-
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// A proxy for `a.test` in front of `upstream`, over TLS (a local-CA certificate) or not.
-async fn serve(upstream: &EchoServer, tls: bool) -> Served {
+async fn serve(upstream: &EchoServer, tls: bool) -> Serving {
     let site = SiteSettings::new("a", ["a.test"])
         .upstreams([upstream.url()])
         .tls(tls);
-    let proxy = Proxy::new(ProxySettings::new().site(site)).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let (p, s) = (proxy.clone(), stop.clone());
-    let (config, root) = if tls {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let ca = LocalCa::generate().unwrap();
-        let resolver = Arc::new(CertResolver::new());
-        let key = ca
-            .issue(&["a.test".to_owned()], LOCAL_LEAF_LIFETIME)
-            .unwrap()
-            .certified_key(&provider, "a.test")
-            .unwrap();
-        resolver.insert("a.test", key);
-        proxy.set_resolver(Arc::clone(&resolver));
-        let config = server_config(resolver, provider).unwrap();
-        (Some(config), Some(ca.root_pem().to_owned()))
+    let settings = ProxySettings::new().site(site);
+    if tls {
+        Serving::tls(settings, "a.test").await
     } else {
-        (None, None)
-    };
-    let done = tokio::spawn(async move {
-        let stopped = s.cancelled_owned();
-        match config {
-            Some(config) => p.serve_tls(listener, config, stopped).await.unwrap(),
-            None => p.serve(listener, stopped).await.unwrap(),
-        }
-    });
-    Served {
-        addr,
-        proxy,
-        stop,
-        done,
-        root,
+        Serving::plain(settings).await
     }
 }
 
@@ -117,7 +52,7 @@ async fn json(res: http::Response<hyper::body::Incoming>) -> serde_json::Value {
 
 /// One keep-alive connection through quiet spells: a GET, parked; a POST with a body,
 /// parked again; a WebSocket upgrade, never parked while it tunnels.
-async fn quiet_session(served: &Served, upstream: &EchoServer) {
+async fn quiet_session(served: &Serving, upstream: &EchoServer) {
     let parked_soon = || wait_until(Duration::from_secs(5), || served.parked() == 1);
     let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(
         served.connect().await,
@@ -229,6 +164,7 @@ async fn parked_connections_close_at_once_on_shutdown() {
     tokio::time::timeout(Duration::from_secs(3), served.done)
         .await
         .expect("serving ends without waiting out the drain time")
+        .unwrap()
         .unwrap();
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut rest)).await;
@@ -275,4 +211,58 @@ async fn a_body_answered_unread_does_not_keep_the_connection_from_parking() {
     .await;
     assert_eq!(doc["path"], "/");
     assert!(wait_until(Duration::from_secs(5), || served.parked() == 1).await);
+}
+
+/// Sends `request` (which asks to close the connection) and reads to the end of the stream:
+/// the whole answer, then, over TLS, a `close_notify` (without it the TLS client reports an
+/// error), then the FIN.
+async fn answered_then_closed(served: &Serving, request: &str) -> String {
+    let mut s = served.connect().await;
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+        .await
+        .expect("the connection ends after the answer")
+        .expect("and ends cleanly");
+    String::from_utf8(got).unwrap()
+}
+
+#[tokio::test]
+async fn a_last_answer_arrives_whole_and_the_connection_ends_cleanly() {
+    let up = EchoServer::start("up").await.unwrap();
+    for tls in [false, true] {
+        let served = serve(&up, tls).await;
+        for (request, path) in [
+            (
+                "GET /close HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+                "/close",
+            ),
+            ("GET /old HTTP/1.0\r\nHost: a.test\r\n\r\n", "/old"),
+        ] {
+            let got = answered_then_closed(&served, request).await;
+            assert!(got.contains(" 200 OK\r\n"), "tls {tls}: {got}");
+            let body = &got[got.find("\r\n\r\n").unwrap() + 4..];
+            let doc: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(doc["path"], path, "tls {tls}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_http_1_0_client_that_asks_for_keep_alive_keeps_its_connection() {
+    let up = EchoServer::start("up").await.unwrap();
+    for tls in [false, true] {
+        let served = serve(&up, tls).await;
+        let mut s = served.connect().await;
+        for path in ["/one", "/two"] {
+            let request =
+                format!("GET {path} HTTP/1.0\r\nHost: a.test\r\nConnection: keep-alive\r\n\r\n");
+            s.write_all(request.as_bytes()).await.unwrap();
+            let got = read_until(&mut s, &format!("\"path\":\"{path}\"")).await;
+            assert!(
+                got.contains(path),
+                "tls {tls}: the answer to {path} in {got:?}"
+            );
+        }
+    }
 }
