@@ -47,19 +47,24 @@ impl Serving {
         resolver.insert(host, key);
         proxy.set_resolver(Arc::clone(&resolver));
         let config = server_config(resolver, provider).unwrap();
-        let mut serving = Self::start(proxy, Some(config)).await;
-        serving.tls = Some((ca.root_pem().to_owned(), host.to_owned()));
-        serving
+        let client = (ca.root_pem().to_owned(), host.to_owned());
+        Self::start(proxy, Some((config, client))).await
     }
 
-    async fn start(proxy: Proxy, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
+    /// Serves `proxy`: over TLS with `tls`'s server configuration, its clients trusting the
+    /// root and name that come with it.
+    async fn start(
+        proxy: Proxy,
+        tls: Option<(Arc<rustls::ServerConfig>, (String, String))>,
+    ) -> Self {
+        let (config, client) = tls.unzip();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let (p, s) = (proxy.clone(), stop.clone());
         let done = tokio::spawn(async move {
             let stopped = s.cancelled_owned();
-            match tls {
+            match config {
                 Some(config) => p.serve_tls(listener, config, stopped).await,
                 None => p.serve(listener, stopped).await,
             }
@@ -69,7 +74,7 @@ impl Serving {
             proxy,
             stop,
             done,
-            tls: None,
+            tls: client,
         }
     }
 
